@@ -1,0 +1,55 @@
+"""`vitlab` command line: one entry point, each sub-command parsed into configs and handed to the library.
+
+Exit codes are a contract: 0 success, 2 bad input or usage (one line on stderr, no traceback), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from vitlab.errors import VitlabError
+
+# Sub-command name → module that defines `add_parser(subparsers)` and `run(args) -> int`.
+# Modules are imported lazily so `vitlab --help` stays fast and one broken extra cannot break the rest.
+COMMANDS: dict[str, str] = {
+    "models": "vitlab.commands.models",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse exits 2 on usage errors already; keep its message to one line."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="vitlab", description="Vision Transformers: build, train, load, analyse.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    subparsers.required = True
+    for module_name in COMMANDS.values():
+        importlib.import_module(module_name).add_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except VitlabError as error:
+        print(f"vitlab {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as error:
+        print(f"vitlab {args.command}: error: no such file: {error.filename or error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"vitlab {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""Building blocks shared by the transformer models: attention, MLP, drop-path and position embeddings."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitlab.errors import VitlabError
+
+RESAMPLE_MODES = ("official", "bicubic")
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection (timm's key layout).
+
+    The default path calls `F.scaled_dot_product_attention`, so CUDA picks flash or memory-efficient kernels.
+    With `return_attention=True` the same Q and K are multiplied explicitly, so the probabilities returned are
+    exactly the ones the fused kernel uses internally.
+    """
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0,
+                 proj_drop: float = 0.0) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise VitlabError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        batch, tokens, dim = x.shape
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        dropout = self.attn_drop if self.training else 0.0
+        if return_attention:
+            probs = (q * self.scale @ k.transpose(-2, -1)).softmax(dim=-1)
+            out = F.dropout(probs, dropout, self.training) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+        out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(batch, tokens, dim)))
+        return (out, probs) if return_attention else out
+
+
+class Mlp(nn.Module):
+    """Dense → GELU → Dense, with dropout after each dense layer as in the paper."""
+
+    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drops a whole residual branch per sample, rescaling the survivors."""
+
+    def __init__(self, prob: float = 0.0) -> None:
+        super().__init__()
+        self.prob = prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"prob={self.prob}"
+
+
+def sincos_2d_position_embedding(grid_h: int, grid_w: int, dim: int, temperature: float = 10_000.0,
+                                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """big_vision's fixed 2D sin-cos embedding, shape (grid_h * grid_w, dim), rows in raster order."""
+    if dim % 4:
+        raise VitlabError(f"sincos2d position embedding needs embed_dim divisible by 4, got {dim}")
+    y, x = torch.meshgrid(torch.arange(grid_h, dtype=torch.float64), torch.arange(grid_w, dtype=torch.float64),
+                          indexing="ij")
+    quarter = dim // 4
+    omega = 1.0 / temperature ** (torch.arange(quarter, dtype=torch.float64) / max(quarter - 1, 1))
+    y = y.flatten()[:, None] * omega[None, :]
+    x = x.flatten()[:, None] * omega[None, :]
+    return torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1).to(dtype)
+
+
+def resample_grid(grid: torch.Tensor, new_size: tuple[int, int], mode: str = "official") -> torch.Tensor:
+    """Resample position embeddings laid out as (1, H, W, D) to (1, H', W', D).
+
+    `official` is bilinear with align_corners=True, which equals the scipy.ndimage.zoom(order=1) of the
+    google-research/vision_transformer loader; `bicubic` (antialiased) is what timm uses for its own weights.
+    """
+    if mode not in RESAMPLE_MODES:
+        raise VitlabError(f"unknown position-embedding resample mode {mode!r}; choose one of {RESAMPLE_MODES}")
+    if tuple(grid.shape[1:3]) == tuple(new_size):
+        return grid
+    dtype = grid.dtype
+    chw = grid.permute(0, 3, 1, 2).float()
+    if mode == "official":
+        chw = F.interpolate(chw, size=new_size, mode="bilinear", align_corners=True)
+    else:
+        chw = F.interpolate(chw, size=new_size, mode="bicubic", align_corners=False, antialias=True)
+    return chw.permute(0, 2, 3, 1).to(dtype)
+
+
+def resample_position_embedding(posemb: torch.Tensor, new_grid: tuple[int, int], num_prefix_tokens: int,
+                                old_grid: tuple[int, int] | None = None, mode: str = "official") -> torch.Tensor:
+    """Resample a (1, prefix + H*W, D) embedding to a new patch grid, keeping the prefix (class token) rows.
+
+    `old_grid` defaults to a square grid, which is what every published checkpoint uses.
+    """
+    prefix, flat = posemb[:, :num_prefix_tokens], posemb[:, num_prefix_tokens:]
+    if old_grid is None:
+        side = math.isqrt(flat.shape[1])
+        if side * side != flat.shape[1]:
+            raise VitlabError(f"position embedding has {flat.shape[1]} grid rows, which is not a square; "
+                             "pass old_grid=(height, width)")
+        old_grid = (side, side)
+    if old_grid[0] * old_grid[1] != flat.shape[1]:
+        raise VitlabError(f"position embedding has {flat.shape[1]} grid rows, not {old_grid[0]}x{old_grid[1]}")
+    grid = resample_grid(flat.reshape(1, old_grid[0], old_grid[1], -1), new_grid, mode)
+    return torch.cat([prefix, grid.reshape(1, new_grid[0] * new_grid[1], -1)], dim=1)

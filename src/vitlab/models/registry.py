@@ -1,0 +1,151 @@
+"""Model names → configs and constructors. The only place that names concrete model sizes."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from vitlab.errors import VitlabError
+
+from vitlab.models.vit import ViTConfig, VisionTransformer
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    family: str
+    config: Any
+    build: Callable[[Any], nn.Module]
+    description: str
+
+
+_FAMILIES: dict[str, tuple[type, Callable[[Any], nn.Module]]] = {"vit": (ViTConfig, VisionTransformer)}
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register(name: str, family: str, config: Any, description: str) -> None:
+    config_type, build = _FAMILIES[family]
+    if not isinstance(config, config_type):
+        raise TypeError(f"{name}: config must be a {config_type.__name__}")
+    _REGISTRY[name] = ModelSpec(name, family, config, build, description)
+
+
+def list_models(pattern: str = "") -> list[str]:
+    """Registered model names containing `pattern`, sorted."""
+    return sorted(name for name in _REGISTRY if pattern in name)
+
+
+def get_spec(name: str) -> ModelSpec:
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, _REGISTRY, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(list_models())}"
+        raise VitlabError(f"unknown model {name!r}{hint}")
+    return _REGISTRY[name]
+
+
+def apply_overrides(config: Any, overrides: dict[str, Any]) -> Any:
+    """dataclasses.replace with an error that names the unknown fields and lists the valid ones."""
+    fields = {f.name for f in dataclasses.fields(config)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise VitlabError(f"unknown option(s) {', '.join(unknown)} for {type(config).__name__}; "
+                         f"valid: {', '.join(sorted(fields))}")
+    return dataclasses.replace(config, **overrides)
+
+
+def model_config(name: str, num_classes: int | None = None, img_size: int | tuple[int, int] | None = None,
+                 **overrides: Any) -> Any:
+    """The config `create_model` would build, with the same overrides."""
+    if num_classes is not None:
+        overrides["num_classes"] = num_classes
+    if img_size is not None:
+        overrides["img_size"] = img_size
+    return apply_overrides(get_spec(name).config, overrides)
+
+
+def family_of(config: Any) -> str:
+    for family, (config_type, _) in _FAMILIES.items():
+        if isinstance(config, config_type):
+            return family
+    raise TypeError(f"{type(config).__name__} is not a registered model config")
+
+
+def build_model(config: Any) -> nn.Module:
+    """A freshly initialised model from any registered family's config."""
+    return _FAMILIES[family_of(config)][1](config)
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """JSON-ready form of a config, with its family, for checkpoints."""
+    data = dataclasses.asdict(config)
+    data = {key: list(value) if isinstance(value, tuple) else value for key, value in data.items()}
+    return {"family": family_of(config), **data}
+
+
+def config_from_dict(data: dict[str, Any], source: str = "config") -> Any:
+    """Inverse of `config_to_dict`; `source` (a file name) is named in errors."""
+    data = dict(data)
+    family = data.pop("family", "vit")
+    if family not in _FAMILIES:
+        raise VitlabError(f"{source}: unknown model family {family!r}; known: {', '.join(_FAMILIES)}")
+    config_type = _FAMILIES[family][0]
+    fields = {f.name: f for f in dataclasses.fields(config_type)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise VitlabError(f"{source}: unknown model config field(s) {', '.join(unknown)}")
+    try:
+        return config_type(**data)
+    except (TypeError, ValueError) as error:
+        raise VitlabError(f"{source}: invalid model config: {error}") from None
+
+
+# The paper's sizes (Table 1) and the Ti/S sizes of the AugReg release: (width, depth, heads, MLP width).
+_VIT_SIZES = {
+    "ti": (192, 12, 3, 768),
+    "s": (384, 12, 6, 1536),
+    "b": (768, 12, 12, 3072),
+    "l": (1024, 24, 16, 4096),
+    "h": (1280, 32, 16, 5120),
+}
+_VIT_PATCHES = {"ti": (16, 32), "s": (8, 16, 32), "b": (8, 16, 32), "l": (16, 32), "h": (14,)}
+
+for _size, (_dim, _depth, _heads, _mlp) in _VIT_SIZES.items():
+    for _patch in _VIT_PATCHES[_size]:
+        register(f"vit-{_size}{_patch}", "vit",
+                 ViTConfig(patch_size=_patch, embed_dim=_dim, depth=_depth, num_heads=_heads, mlp_dim=_mlp),
+                 f"ViT-{_size.upper() if _size != 'ti' else 'Ti'}/{_patch}, 224 px")
+
+# Small ViTs for 28×28 (Fashion-MNIST, digits upsampled) and 32×32 (CIFAR) inputs.
+register("vit-mini-p4-28", "vit",
+         ViTConfig(img_size=(28, 28), patch_size=4, in_chans=1, num_classes=10, embed_dim=128, depth=6,
+                   num_heads=4, mlp_dim=256),
+         "small ViT for 28×28 grayscale images, 7×7 patch grid")
+register("vit-mini-p7-28", "vit",
+         ViTConfig(img_size=(28, 28), patch_size=7, in_chans=1, num_classes=10, embed_dim=128, depth=6,
+                   num_heads=4, mlp_dim=256),
+         "small ViT for 28×28 grayscale images, 4×4 patch grid")
+register("vit-mini-p4-32", "vit",
+         ViTConfig(img_size=(32, 32), patch_size=4, in_chans=3, num_classes=10, embed_dim=192, depth=6,
+                   num_heads=3, mlp_dim=384),
+         "small ViT for 32×32 RGB images (CIFAR), 8×8 patch grid")
+
+
+def create_model(name: str, num_classes: int | None = None, img_size: int | tuple[int, int] | None = None,
+                 pretrained: str | None = None, **overrides: Any) -> nn.Module:
+    """Build a registered model; `pretrained` names a published checkpoint from `vitlab.weights.hub`.
+
+    With `pretrained`, the weights are downloaded once into the cache, verified, resampled to `img_size` and,
+    when `num_classes` differs from the checkpoint's, given a new zero-initialised head.
+    """
+    config = model_config(name, num_classes=num_classes, img_size=img_size, **overrides)
+    model = build_model(config)
+    if pretrained is not None:
+        from vitlab.weights.hub import load_pretrained
+
+        load_pretrained(model, name, pretrained)
+    return model

@@ -1,0 +1,260 @@
+"""The Vision Transformer of Dosovitskiy et al. (2021), parameter-for-parameter as google-research/vision_transformer.
+
+Module names follow timm (`patch_embed.proj`, `cls_token`, `pos_embed`, `blocks.i.attn.qkv`, ...) so timm state
+dicts load with no renaming; Google's `.npz` and Hugging Face layouts are mapped in `vitlab.weights`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from vitlab.errors import VitlabError
+
+from vitlab.models.layers import (RESAMPLE_MODES, Attention, DropPath, Mlp, resample_position_embedding,
+                                  sincos_2d_position_embedding)
+
+POOLS = ("token", "gap")
+POSEMBS = ("learned", "sincos2d", "none")
+
+
+def to_2tuple(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    if isinstance(size, int):
+        return (size, size)
+    height, width = size
+    return (int(height), int(width))
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    """Everything that defines a ViT's shape; the registry names concrete sizes."""
+
+    img_size: tuple[int, int] = (224, 224)
+    patch_size: int = 16
+    in_chans: int = 3
+    num_classes: int = 1000
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_dim: int = 3072
+    qkv_bias: bool = True
+    pool: str = "token"
+    posemb: str = "learned"
+    posemb_resample: str = "official"
+    representation_size: int | None = None
+    dropout: float = 0.0
+    attn_dropout: float = 0.0
+    drop_path: float = 0.0
+    layer_norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "img_size", to_2tuple(self.img_size))
+        if self.pool not in POOLS:
+            raise VitlabError(f"pool must be one of {POOLS}, got {self.pool!r}")
+        if self.posemb not in POSEMBS:
+            raise VitlabError(f"posemb must be one of {POSEMBS}, got {self.posemb!r}")
+        if self.posemb_resample not in RESAMPLE_MODES:
+            raise VitlabError(f"posemb_resample must be one of {RESAMPLE_MODES}, got {self.posemb_resample!r}")
+        for side in self.img_size:
+            if side % self.patch_size:
+                raise VitlabError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return (self.img_size[0] // self.patch_size, self.img_size[1] // self.patch_size)
+
+    @property
+    def class_token(self) -> bool:
+        """The paper's `token` classifier prepends a learned class token; `gap` averages the patch tokens."""
+        return self.pool == "token"
+
+
+class PatchEmbed(nn.Module):
+    """A P×P convolution with stride P: the paper's linear projection of flattened patches."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        if height % self.patch_size or width % self.patch_size:
+            raise VitlabError(f"input size {height}x{width} is not divisible by patch size {self.patch_size}")
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + MSA(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_dim: int, qkv_bias: bool, dropout: float,
+                 attn_dropout: float, drop_path: float, eps: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_dropout, proj_drop=dropout)
+        self.drop_path1 = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, mlp_dim, drop=dropout)
+        self.drop_path2 = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if return_attention:
+            attended, probs = self.attn(self.norm1(x), return_attention=True)
+        else:
+            attended = self.attn(self.norm1(x))
+        x = x + self.drop_path1(attended)
+        x = x + self.drop_path2(self.mlp(self.norm2(x)))
+        return (x, probs) if return_attention else x
+
+
+class PreLogits(nn.Module):
+    """The pre-training head's hidden layer (Dense + tanh), present when `representation_size` is set."""
+
+    def __init__(self, dim: int, representation_size: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(dim, representation_size)
+        self.act = nn.Tanh()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.fc(x))
+
+
+class VisionTransformer(nn.Module):
+    """ViT with timm's uniform API: forward_features, forward_head, forward, reset_classifier."""
+
+    def __init__(self, config: ViTConfig) -> None:
+        super().__init__()
+        self.config = config
+        dim = config.embed_dim
+        self.num_prefix_tokens = 1 if config.class_token else 0
+        self.patch_embed = PatchEmbed(config.patch_size, config.in_chans, dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if config.class_token else None
+        grid_h, grid_w = config.grid_size
+        if config.posemb == "learned":
+            self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix_tokens + grid_h * grid_w, dim))
+        else:
+            self.pos_embed = None
+        self.pos_drop = nn.Dropout(config.dropout)
+        drop_rates = [config.drop_path * i / max(config.depth - 1, 1) for i in range(config.depth)]
+        self.blocks = nn.ModuleList(
+            Block(dim, config.num_heads, config.mlp_dim, config.qkv_bias, config.dropout, config.attn_dropout,
+                  rate, config.layer_norm_eps)
+            for rate in drop_rates)
+        self.norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.pre_logits = PreLogits(dim, config.representation_size) if config.representation_size else None
+        self.num_features = config.representation_size or dim
+        self.head: nn.Module = self._new_head(config.num_classes)
+        self.init_weights()
+
+    def _new_head(self, num_classes: int) -> nn.Module:
+        if num_classes <= 0:
+            return nn.Identity()
+        head = nn.Linear(self.num_features, num_classes)
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
+        return head
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """The official (Flax) initialisation: LeCun-normal patch and pre-logits kernels, Xavier-uniform dense
+        kernels (q, k and v each as its own D×D matrix), tiny MLP biases, N(0, 0.02) position embeddings and a
+        zero class token and head."""
+        fan_in = self.patch_embed.proj.in_channels * self.config.patch_size ** 2
+        nn.init.trunc_normal_(self.patch_embed.proj.weight, std=math.sqrt(1.0 / fan_in) / .87962566103423978)
+        nn.init.zeros_(self.patch_embed.proj.bias)
+        if self.pos_embed is not None:
+            nn.init.normal_(self.pos_embed, std=0.02)
+        for block in self.blocks:
+            dim = block.attn.qkv.in_features
+            bound = math.sqrt(6.0 / (dim + dim))
+            nn.init.uniform_(block.attn.qkv.weight, -bound, bound)
+            nn.init.xavier_uniform_(block.attn.proj.weight)
+            for linear in (block.attn.qkv, block.attn.proj):
+                if linear.bias is not None:
+                    nn.init.zeros_(linear.bias)
+            for linear in (block.mlp.fc1, block.mlp.fc2):
+                nn.init.xavier_uniform_(linear.weight)
+                nn.init.normal_(linear.bias, std=1e-6)
+        if self.pre_logits is not None:
+            fc = self.pre_logits.fc
+            nn.init.trunc_normal_(fc.weight, std=math.sqrt(1.0 / fc.in_features) / .87962566103423978)
+            nn.init.zeros_(fc.bias)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the head with a zero-initialised one, as the paper does before fine-tuning."""
+        self.head = self._new_head(num_classes)
+        self.config = dataclasses.replace(self.config, num_classes=num_classes)
+
+    def grid_size_for(self, height: int, width: int) -> tuple[int, int]:
+        patch = self.config.patch_size
+        if height % patch or width % patch:
+            raise VitlabError(f"input size {height}x{width} is not divisible by patch size {patch}")
+        return (height // patch, width // patch)
+
+    def position_embedding(self, grid: tuple[int, int]) -> torch.Tensor | None:
+        """Position embeddings for a patch grid; learned ones are resampled in 2D when the grid differs."""
+        if self.config.posemb == "none":
+            return None
+        if self.config.posemb == "sincos2d":
+            return sincos_2d_position_embedding(*grid, self.config.embed_dim, dtype=self.patch_embed.proj.weight.dtype
+                                                ).to(self.patch_embed.proj.weight.device)[None]
+        posemb = self.pos_embed
+        if grid != self.config.grid_size:
+            posemb = resample_position_embedding(posemb, grid, self.num_prefix_tokens, self.config.grid_size,
+                                                 self.config.posemb_resample)
+        return posemb
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch embedding + class token + position embedding, ready for the first block."""
+        grid = self.grid_size_for(*x.shape[-2:])
+        tokens = self.patch_embed(x)
+        posemb = self.position_embedding(grid)
+        if self.cls_token is not None:
+            tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+        if posemb is not None:
+            if posemb.shape[1] != tokens.shape[1]:  # sincos2d has no class-token row
+                posemb = torch.cat([posemb.new_zeros(1, self.num_prefix_tokens, posemb.shape[2]), posemb], dim=1)
+            tokens = tokens + posemb
+        return self.pos_drop(tokens)
+
+    def forward_features(self, x: torch.Tensor, return_attention: bool = False
+                         ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Image → normalised token sequence (B, prefix + H*W/P², D); optionally each layer's attention."""
+        x = self.embed(x)
+        attentions: list[torch.Tensor] = []
+        for block in self.blocks:
+            if return_attention:
+                x, probs = block(x, return_attention=True)
+                attentions.append(probs)
+            else:
+                x = block(x)
+        x = self.norm(x)
+        return (x, attentions) if return_attention else x
+
+    def pool(self, features: torch.Tensor) -> torch.Tensor:
+        if self.config.pool == "token":
+            return features[:, 0]
+        return features[:, self.num_prefix_tokens:].mean(dim=1)
+
+    def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Tokens → logits; `pre_logits=True` stops before the classifier (the features few-shot probes use)."""
+        x = self.pool(features)
+        if self.pre_logits is not None:
+            x = self.pre_logits(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Logits; with `return_attention=True` also every layer's (B, heads, T, T) attention probabilities."""
+        if return_attention:
+            features, attentions = self.forward_features(x, return_attention=True)
+            return self.forward_head(features), attentions
+        return self.forward_head(self.forward_features(x))
+
+    def no_weight_decay(self) -> set[str]:
+        return {"cls_token", "pos_embed"}
