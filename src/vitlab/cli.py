@@ -10,12 +10,17 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from vitlab.errors import VitlabError
+from vitlab.errors import TrainingDiverged, VitlabError
 
 # Sub-command name → module that defines `add_parser(subparsers)` and `run(args) -> int`.
 # Modules are imported lazily so `vitlab --help` stays fast and one broken extra cannot break the rest.
 COMMANDS: dict[str, str] = {
     "models": "vitlab.commands.models",
+    "convert": "vitlab.commands.convert",
+    "train": "vitlab.commands.train",
+    "evaluate": "vitlab.commands.evaluate",
+    "demo": "vitlab.commands.demo",
+    "analyze": "vitlab.commands.analyze",
 }
 
 
@@ -46,6 +51,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FileNotFoundError as error:
         print(f"vitlab {args.command}: error: no such file: {error.filename or error}", file=sys.stderr)
         return 2
+    except TrainingDiverged as error:
+        print(f"vitlab {args.command}: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"vitlab {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -1,0 +1,86 @@
+"""`vitlab demo`: the main job end to end on Fashion-MNIST, through the same commands a user types.
+
+Pre-train the `fmnist-vit` recipe, evaluate it, fine-tune at a higher resolution (the paper's recipe), predict a
+few test images, draw what the model learned, and print a summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from vitlab.train.config import RECIPES
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("demo", help="train, fine-tune, evaluate, predict and analyse on Fashion-MNIST")
+    parser.add_argument("--out", default="runs/demo")
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
+    parser.set_defaults(run=run)
+
+
+def _vitlab(*argv: str) -> None:
+    from vitlab.cli import main
+
+    command = " ".join(argv)
+    print(f"\n$ vitlab {command}", flush=True)
+    code = main(list(argv))
+    if code:
+        raise SystemExit(f"vitlab {command} failed with exit code {code}")
+
+
+def _write_samples(out: Path, count: int = 4) -> list[Path]:
+    from vitlab.data import load_dataset
+
+    test = load_dataset("fashion-mnist", "test")
+    paths = []
+    out.mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        path = out / f"test{index}-{test.classes[int(test.labels[index])].replace('/', '-')}.png"
+        Image.fromarray(test.images[index, 0].numpy().astype(np.uint8), mode="L").save(path)
+        paths.append(path)
+    return paths
+
+
+def _last_metrics(run_dir: Path) -> dict:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return json.loads(lines[-1])
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    pretrain, finetune = out / "pretrain", out / "finetune"
+    progress = [] if args.progress else ["--no-progress"]
+    started = time.perf_counter()
+    print(f"recipe fmnist-vit: {RECIPES['fmnist-vit'].description}; expected: {RECIPES['fmnist-vit'].expected}")
+    _vitlab("train", "--recipe", "fmnist-vit", "--out", str(pretrain), "--resume", *progress)
+    trained = time.perf_counter()
+    _vitlab("eval", str(pretrain), "--out", str(pretrain))
+    _vitlab("finetune", "--recipe", "fmnist-finetune", "--from", str(pretrain), "--out", str(finetune), "--resume",
+            *progress)
+    finetuned = time.perf_counter()
+    _vitlab("eval", str(finetune), "--out", str(finetune))
+    samples = _write_samples(out / "samples")
+    _vitlab("predict", str(finetune), *map(str, samples))
+    _vitlab("analyze", str(finetune), "--images", *map(str, samples[:2]), "--dataset", "fashion-mnist", "--n", "128",
+            "--out", str(out / "analysis"))
+    pre, fine = _last_metrics(pretrain), _last_metrics(finetune)
+    summary = {"pretrain_top1": pre["test_top1"], "finetune_top1": fine["test_top1"],
+               "pretrain_s": round(trained - started, 1), "finetune_s": round(finetuned - trained, 1),
+               "total_s": round(time.perf_counter() - started, 1), "out": str(out)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"\n=== vitlab demo: Fashion-MNIST test top-1 {fine['test_top1']:.2%} after pre-training at "
+          f"{_size(pretrain)} px ({pre['test_top1']:.2%}, {summary['pretrain_s']:.0f} s) and fine-tuning at "
+          f"{_size(finetune)} px ({summary['finetune_s']:.0f} s); {summary['total_s']:.0f} s in all ===")
+    print(f"pictures of what the model learned: {out / 'analysis' / 'index.html'}")
+    return 0
+
+
+def _size(run_dir: Path) -> int:
+    record = json.loads((run_dir / "last.json").read_text())
+    return int(record["model_config"]["img_size"][0])

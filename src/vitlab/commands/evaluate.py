@@ -1,0 +1,173 @@
+"""`vitlab eval`, `vitlab fewshot` and `vitlab predict`: use a trained or loaded model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vitlab.commands.train import checkpoint_train_config
+from vitlab.data import EvalTransform, load_dataset, match_channels
+from vitlab.errors import VitlabError
+from vitlab.eval.metrics import confusion_matrix, evaluate
+from vitlab.train.loop import select_device
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    evaluate_parser = subparsers.add_parser("eval", help="top-1/top-5 and a confusion matrix on a test set")
+    _add_source(evaluate_parser)
+    evaluate_parser.add_argument("--json", action="store_true", help="print one JSON line")
+    evaluate_parser.add_argument("--out", help="directory for confusion.png (default: next to the checkpoint)")
+    evaluate_parser.set_defaults(run=run_eval)
+
+    fewshot = subparsers.add_parser("fewshot", help="few-shot linear probe on frozen features (ridge, ±1 targets)")
+    _add_source(fewshot)
+    fewshot.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10, 25])
+    fewshot.add_argument("--seeds", type=int, default=3)
+    fewshot.add_argument("--l2", type=float, default=2.0 ** 10)
+    fewshot.add_argument("--json", action="store_true")
+    fewshot.set_defaults(run=run_fewshot)
+
+    predict = subparsers.add_parser("predict", help="top-k classes of image files")
+    predict.add_argument("checkpoint")
+    predict.add_argument("images", nargs="+", type=Path)
+    predict.add_argument("--model", help="registry name, for weight files that do not name their model")
+    predict.add_argument("--top-k", type=int, default=3)
+    predict.add_argument("--json", action="store_true")
+    predict.set_defaults(run=run_predict)
+
+
+def _add_source(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="a vitlab run directory or any weights file vitlab can load")
+    parser.add_argument("--model", help="registry name, for weight files that do not name their model")
+    parser.add_argument("--dataset", help="default: the data set the checkpoint was trained on")
+    parser.add_argument("--device", default="auto")
+
+
+def load_for_use(checkpoint: str, model_name: str | None, device: str = "auto") -> tuple[nn.Module, torch.device]:
+    from vitlab.weights import load_model
+
+    path = Path(checkpoint)
+    if not path.exists():
+        raise VitlabError(f"{path}: no such checkpoint")
+    target = select_device(device)
+    model = load_model(path, model_name=model_name).to(target).eval()
+    return model, target
+
+
+def _dataset_for(args: argparse.Namespace, model: nn.Module) -> str:
+    if args.dataset:
+        return args.dataset
+    config = checkpoint_train_config(Path(args.checkpoint))
+    if config is None:
+        raise VitlabError(f"{args.checkpoint} does not record its data set: pass --dataset")
+    return config.dataset
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    model, device = load_for_use(args.checkpoint, args.model, args.device)
+    dataset = _dataset_for(args, model)
+    test = load_dataset(dataset, "test", img_size=model.config.img_size[0])
+    if test.num_classes != model.config.num_classes:
+        raise VitlabError(f"{dataset} has {test.num_classes} classes but the model's head has "
+                          f"{model.config.num_classes}")
+    images = match_channels(test.images, model.config.in_chans)
+    result = evaluate(model, images, test.labels, EvalTransform(tuple(model.config.img_size)), device)
+    matrix = confusion_matrix(result.predictions, test.labels, test.num_classes)
+    source = Path(args.checkpoint)
+    out = Path(args.out) if args.out else (source if source.is_dir() else source.parent)
+    _plot_confusion(matrix, test.classes, out / "confusion.png")
+    record = {"checkpoint": str(source), "dataset": dataset, "images": len(test), "top1": result.top1,
+              "top5": result.top5, "loss": result.loss, "confusion_png": str(out / "confusion.png")}
+    if args.json:
+        print(json.dumps(record))
+    else:
+        print(f"{source} on {dataset} ({len(test)} images): top-1 {result.top1:.2%}  top-5 {result.top5:.2%}  "
+              f"loss {result.loss:.4f}\nconfusion matrix: {out / 'confusion.png'}")
+    return 0
+
+
+def _plot_confusion(matrix: torch.Tensor, classes: tuple[str, ...], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    size = max(4.0, 0.45 * len(classes) + 2)
+    figure, axis = plt.subplots(figsize=(size, size))
+    normalised = matrix.float() / matrix.sum(1, keepdim=True).clamp(min=1)
+    axis.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
+    if len(classes) <= 30:
+        for row in range(len(classes)):
+            for col in range(len(classes)):
+                value = int(matrix[row, col])
+                if value:
+                    axis.text(col, row, value, ha="center", va="center", fontsize=7,
+                              color="white" if normalised[row, col] > 0.5 else "black")
+        axis.set_xticks(range(len(classes)), classes, rotation=60, ha="right", fontsize=8)
+        axis.set_yticks(range(len(classes)), classes, fontsize=8)
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("true")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def run_fewshot(args: argparse.Namespace) -> int:
+    from vitlab.eval.fewshot import few_shot_eval
+
+    model, device = load_for_use(args.checkpoint, args.model, args.device)
+    dataset = _dataset_for(args, model)
+    size = model.config.img_size[0]
+    train, test = load_dataset(dataset, "train", img_size=size), load_dataset(dataset, "test", img_size=size)
+    results = few_shot_eval(model, train, test, args.shots, args.seeds, args.l2, device)
+    for result in results:
+        if args.json:
+            print(json.dumps({"shots": result.shots, "mean": result.mean, "std": result.std,
+                              "accuracies": result.accuracies}))
+        else:
+            print(f"{result.shots:>3}-shot: {result.mean:.2%} ± {result.std:.2%}  ({args.seeds} seeds)")
+    return 0
+
+
+def class_names(checkpoint: str, num_classes: int) -> list[str]:
+    """Names recorded by training in the safetensors metadata, else the class indices."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(checkpoint)
+    if path.is_dir():
+        path = next((path / name for name in ("best.safetensors", "last.safetensors") if (path / name).exists()), path)
+    names = None
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), "pt") as handle:
+                names = json.loads((handle.metadata() or {}).get("classes", "null"))
+        except (SafetensorError, OSError, json.JSONDecodeError):
+            names = None
+    if isinstance(names, list) and len(names) == num_classes:
+        return [str(name) for name in names]
+    return [str(index) for index in range(num_classes)]
+
+
+@torch.no_grad()
+def run_predict(args: argparse.Namespace) -> int:
+    from vitlab.data.folder import read_image
+
+    model, device = load_for_use(args.checkpoint, args.model)
+    names = class_names(args.checkpoint, model.config.num_classes)
+    mode = "L" if model.config.in_chans == 1 else "RGB"
+    transform = EvalTransform(tuple(model.config.img_size))
+    for path in args.images:
+        image = torch.from_numpy(read_image(path, mode, tuple(model.config.img_size)))[None]
+        probs = model(transform(image).to(device)).softmax(-1)[0].cpu()
+        top = probs.topk(min(args.top_k, len(probs)))
+        ranked = [(names[i], float(p)) for p, i in zip(top.values, top.indices)]
+        if args.json:
+            print(json.dumps({"image": str(path), "top": [{"class": n, "prob": p} for n, p in ranked]}))
+        else:
+            print(f"{path}: " + ", ".join(f"{n} {p:.1%}" for n, p in ranked))
+    return 0

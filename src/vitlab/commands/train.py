@@ -1,0 +1,105 @@
+"""`vitlab train` and `vitlab finetune`: parse the command line into a TrainConfig and run the Trainer."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from vitlab.errors import VitlabError
+from vitlab.train.config import TrainConfig, config_from_json, override, recipe_config
+
+# The paper's fine-tuning (App. B.1.1): SGD momentum 0.9, no weight decay, clip 1, cosine; a new zero head.
+FINETUNE_DEFAULTS: dict[str, Any] = {"optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 0.0,
+                                     "grad_clip": 1.0, "schedule": "cosine", "warmup_epochs": 0.1, "epochs": 1.0,
+                                     "new_head": True, "ema_decay": None, "mixup_alpha": 0.0, "cutmix_alpha": 0.0}
+
+
+def add_common_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--recipe", help="a named recipe from vitlab.train.config.RECIPES")
+    parser.add_argument("--model", help="registry name, e.g. vit-ti16")
+    parser.add_argument("--dataset", help="fashion-mnist, digits, cifar10, cifar100 or an image-folder path")
+    parser.add_argument("--subset", type=int, help="train on a balanced, seeded subset of N images")
+    parser.add_argument("--epochs", type=float)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--img-size", type=int)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--deterministic", action="store_true", default=None,
+                        help="deterministic algorithms (bit-identical resume on CPU)")
+    parser.add_argument("--out", help="run directory (checkpoints, metrics.jsonl, curves.png)")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/last.* if present")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override any TrainConfig field, e.g. --set ema_decay=0.999 (repeatable)")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    train = subparsers.add_parser("train", help="train a model from scratch (pre-training)")
+    add_common_options(train)
+    train.set_defaults(run=run_train)
+    finetune = subparsers.add_parser("finetune", help="fine-tune a checkpoint, e.g. at a higher resolution")
+    finetune.add_argument("--from", dest="init_from", required=True, metavar="CHECKPOINT",
+                          help="a vitlab run directory or any weights file vitlab can load")
+    add_common_options(finetune)
+    finetune.set_defaults(run=run_finetune)
+
+
+def parse_settings(settings: list[str]) -> dict[str, Any]:
+    values = {}
+    for item in settings:
+        if "=" not in item:
+            raise VitlabError(f"--set {item!r}: expected FIELD=VALUE")
+        key, value = item.split("=", 1)
+        values[key.strip()] = value
+    return values
+
+
+def config_from_args(args: argparse.Namespace, base: TrainConfig) -> TrainConfig:
+    flags = {"model": args.model, "dataset": args.dataset, "subset": args.subset, "epochs": args.epochs,
+             "batch_size": args.batch_size, "lr": args.lr, "img_size": args.img_size, "seed": args.seed,
+             "deterministic": args.deterministic, "out": args.out, "progress": args.progress}
+    values = {key: value for key, value in flags.items() if value is not None}
+    if args.model is not None and args.model != base.model:
+        values["model_overrides"] = {}  # a recipe's overrides belong to the recipe's model
+    config = override(base, values)
+    return override(config, parse_settings(args.settings))
+
+
+def run_train(args: argparse.Namespace) -> int:
+    base = recipe_config(args.recipe or "fmnist-vit")
+    return _fit(config_from_args(args, base), args.resume)
+
+
+def checkpoint_train_config(path: Path) -> TrainConfig | None:
+    """The TrainConfig a vitlab run was made with, if `path` is one of its run directories or files."""
+    record = path / "last.json" if path.is_dir() else path.with_suffix(".json")
+    if not record.exists():
+        return None
+    try:
+        data = json.loads(record.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise VitlabError(f"{record}: unreadable run record: {error}") from None
+    return config_from_json(data.get("train_config", {}), str(record)) if "train_config" in data else None
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    source = Path(args.init_from)
+    if not source.exists():
+        raise VitlabError(f"--from {source}: no such file or directory")
+    if args.recipe:
+        base = recipe_config(args.recipe)
+    else:
+        base = override(checkpoint_train_config(source) or TrainConfig(), FINETUNE_DEFAULTS)
+    base = override(base, {"init_from": str(source), "out": str(Path(args.out or f"{source}-finetune"))})
+    return _fit(config_from_args(args, base), args.resume)
+
+
+def _fit(config: TrainConfig, resume: bool) -> int:
+    from vitlab.train.loop import Trainer
+
+    result = Trainer(config, resume=resume).fit()
+    print(json.dumps({key: result[key] for key in ("step", "test_top1", "test_top5", "best_top1", "out")
+                      if key in result}))
+    return 0

@@ -1,0 +1,1 @@
+"""Evaluation kept apart from training: top-k accuracy, confusion matrices, few-shot linear probes."""

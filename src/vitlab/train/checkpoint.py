@@ -1,0 +1,156 @@
+"""Crash-safe checkpoints: safetensors for every tensor, a JSON for everything else, nothing pickled.
+
+`DIR/NAME.safetensors` + `DIR/NAME.json` are replaced atomically (temp file, fsync, rename); the pair they replace
+is kept as `NAME.prev.*`. The JSON records the SHA-256 of its tensor file, so a torn or truncated write is detected
+on load and the previous good pair is used instead, with a warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+
+from vitlab.errors import VitlabError
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` so that `path` holds either its old content or all of the new one, never a mix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def check_writable(directory: Path) -> None:
+    """Fail before training starts, not at the first save, when the output directory cannot be written."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test.", delete=True)
+        probe.close()
+    except OSError as error:
+        raise VitlabError(f"output directory {directory} is not writable: {error.strerror or error}") from None
+
+
+def save_checkpoint(directory: Path, name: str, tensors: dict[str, torch.Tensor], state: dict[str, Any],
+                    metadata: dict[str, str] | None = None) -> None:
+    """Write NAME.safetensors and NAME.json; the previous pair becomes NAME.prev.*."""
+    payload = save({key: value.detach().contiguous().cpu() for key, value in tensors.items()}, metadata=metadata)
+    state = {**state, "sha256": hashlib.sha256(payload).hexdigest(), "tensors": f"{name}.safetensors"}
+    text = json.dumps(state, indent=1).encode()
+    weights, record = directory / f"{name}.safetensors", directory / f"{name}.json"
+    # Write both temporaries before touching the current pair, so a full disk leaves it intact.
+    staged = []
+    try:
+        for target, data in ((weights, payload), (record, text)):
+            temp = target.with_name(f".{target.name}.staging")
+            atomic_write(temp, data)
+            staged.append((temp, target))
+    except OSError as error:
+        for temp, _ in staged:
+            temp.unlink(missing_ok=True)
+        raise VitlabError(f"cannot save checkpoint {weights}: {error.strerror or error}; "
+                          "the previous checkpoint is unchanged") from None
+    for temp, target in staged:
+        if target.exists():
+            os.replace(target, target.with_name(f"{name}.prev{target.suffix}"))
+        os.replace(temp, target)
+    _fsync_dir(directory)
+
+
+def _candidates(directory: Path, name: str) -> list[tuple[Path, Path]]:
+    records = [directory / f"{name}.json", directory / f"{name}.prev.json"]
+    tensor_files = [directory / f"{name}.safetensors", directory / f"{name}.prev.safetensors"]
+    return [(record, tensors) for record in records for tensors in tensor_files]
+
+
+def load_checkpoint(directory: Path, name: str = "last") -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """The newest consistent (tensors, state) pair under `directory`, or None when there is none at all.
+
+    Any JSON is matched with any tensor file by checksum, so every moment of an interrupted save leaves one
+    loadable pair: the new one or the previous one.
+    """
+    hashes: dict[Path, str] = {}
+    seen_any = False
+    best: tuple[int, Path, Path, dict[str, Any]] | None = None
+    for record, tensors in _candidates(directory, name):
+        if not record.exists() or not tensors.exists():
+            continue
+        seen_any = True
+        try:
+            state = json.loads(record.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if tensors not in hashes:
+            hashes[tensors] = hashlib.sha256(tensors.read_bytes()).hexdigest()
+        if not isinstance(state, dict) or state.get("sha256") != hashes[tensors]:
+            continue
+        step = int(state.get("step", -1))
+        if best is None or step > best[0]:
+            best = (step, record, tensors, state)
+    if best is None:
+        if seen_any:
+            raise VitlabError(f"{directory}: no intact '{name}' checkpoint (checksums do not match); "
+                              "remove the files to start over")
+        return None
+    _, record, tensors, state = best
+    if record.name != f"{name}.json" or tensors.name != f"{name}.safetensors":
+        warnings.warn(f"{directory / (name + '.safetensors')} is torn or incomplete; using the previous good "
+                      f"checkpoint {tensors.name} (step {state.get('step')})", stacklevel=2)
+    try:
+        return load_file(tensors), state
+    except (SafetensorError, OSError) as error:
+        raise VitlabError(f"{tensors}: unreadable checkpoint: {error}") from None
+
+
+def optimizer_to_tensors(optimizer: torch.optim.Optimizer, prefix: str = "optim/"
+                         ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """Split an optimizer state dict into tensors (for safetensors) and JSON-ready param groups."""
+    state = optimizer.state_dict()
+    tensors = {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            tensors[f"{prefix}{index}/{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    groups = [{key: list(value) if isinstance(value, tuple) else value for key, value in group.items()}
+              for group in state["param_groups"]]
+    return tensors, groups
+
+
+def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                           groups: list[dict[str, Any]], prefix: str = "optim/") -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith(prefix):
+            index, name = key[len(prefix):].split("/", 1)
+            state.setdefault(int(index), {})[name] = value
+    groups = [{key: tuple(value) if key == "betas" else value for key, value in group.items()} for group in groups]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})

@@ -1,0 +1,172 @@
+"""Training configuration and the named recipes.
+
+A recipe is a `TrainConfig`; every field can be overridden on the command line (`--lr 3e-4`, `--set ema_decay=0.999`).
+Each recipe states the command that runs it and the result it is expected to reach, as big_vision's configs do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from vitlab.errors import VitlabError
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # what to train
+    model: str = "vit-mini-p4-28"
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    dataset: str = "fashion-mnist"
+    subset: int | None = None
+    img_size: int | None = None
+    # schedule
+    epochs: float = 10.0
+    batch_size: int = 256
+    accum_steps: int = 1
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    min_lr: float = 1e-6
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = 0.9
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    warmup_epochs: float = 0.0
+    grad_clip: float = 1.0
+    label_smoothing: float = 0.0
+    ema_decay: float | None = None
+    # augmentation
+    crop_padding: int = 0
+    hflip: bool = False
+    randaugment_ops: int = 0
+    randaugment_magnitude: int = 9
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    # fine-tuning
+    init_from: str | None = None
+    new_head: bool = True
+    # running
+    seed: int = 0
+    deterministic: bool = False
+    device: str = "auto"
+    amp: str = "auto"
+    compile: bool = False
+    threads: int | None = None
+    eval_every_epochs: float = 1.0
+    checkpoint_every_steps: int = 500
+    eval_batch_size: int = 1000
+    out: str = "runs/train"
+    progress: bool = True
+    skip_bad_images: bool = False
+
+    def __post_init__(self) -> None:
+        choices = {"optimizer": ("adamw", "sgd"), "schedule": ("cosine", "linear"), "amp": ("auto", "bf16", "none"),
+                   "device": None}
+        for name, allowed in choices.items():
+            if allowed and getattr(self, name) not in allowed:
+                raise VitlabError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        positive = ("epochs", "batch_size", "accum_steps", "lr", "eval_batch_size", "checkpoint_every_steps")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise VitlabError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.batch_size % self.accum_steps:
+            raise VitlabError(f"batch_size {self.batch_size} is not divisible by accum_steps {self.accum_steps}")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise VitlabError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    config: TrainConfig
+    command: str
+    expected: str
+    description: str
+
+
+RECIPES: dict[str, Recipe] = {
+    "fmnist-vit": Recipe(
+        TrainConfig(),
+        command="vitlab train --recipe fmnist-vit --out runs/fmnist-vit",
+        expected="about 90% Fashion-MNIST test top-1 within the demo's 10 minutes on 2 CPU cores",
+        description="the demo: a small pure ViT from scratch on Fashion-MNIST"),
+    "paper-pretrain-i21k": Recipe(
+        TrainConfig(model="vit-b16", model_overrides={"representation_size": 768, "dropout": 0.1},
+                    dataset="imagenet21k", img_size=224, epochs=90, batch_size=4096, lr=1e-3, min_lr=1e-5,
+                    weight_decay=0.03, schedule="linear", warmup_steps=10_000, grad_clip=1.0, hflip=True,
+                    out="runs/i21k-b16"),
+        command="torchrun --nproc_per_node=8 -m vitlab train --recipe paper-pretrain-i21k --dataset PATH/imagenet21k",
+        expected="ViT-B/16 that fine-tunes to about 84% ImageNet top-1 at 384 px (paper Table 5: 83.97)",
+        description="the paper's ImageNet-21k pre-training of ViT-B/16 (§4.1, VT issue #2)"),
+    "paper-finetune": Recipe(
+        TrainConfig(model="vit-b16", dataset="imagenet", img_size=384, epochs=8, batch_size=512, optimizer="sgd",
+                    lr=0.03, min_lr=0.0, weight_decay=0.0, warmup_steps=500, grad_clip=1.0, hflip=True,
+                    out="runs/finetune-b16"),
+        command="vitlab finetune --recipe paper-finetune --from runs/i21k-b16 --dataset PATH/imagenet",
+        expected="ImageNet top-1 about 84% at 384 px from an i21k ViT-B/16 (VT README: 84.53%); 20k steps",
+        description="the paper's fine-tuning: SGD momentum 0.9, no weight decay, clip 1, cosine, 384 px"),
+    "bv-s16-i1k": Recipe(
+        TrainConfig(model="vit-s16", model_overrides={"pool": "gap", "posemb": "sincos2d",
+                                                      "representation_size": 384},
+                    dataset="imagenet", img_size=224, epochs=90, batch_size=1024, lr=1e-3, weight_decay=0.1,
+                    warmup_steps=10_000, grad_clip=1.0, hflip=True, randaugment_ops=2, randaugment_magnitude=10,
+                    mixup_alpha=0.2, out="runs/bv-s16"),
+        command="torchrun --nproc_per_node=8 -m vitlab train --recipe bv-s16-i1k --dataset PATH/imagenet",
+        expected="76.5% ImageNet top-1 after 90 epochs (big_vision README; 80% after 300)",
+        description="big_vision's 'better plain ViT baselines' ViT-S/16 on ImageNet-1k"),
+}
+
+
+def recipe_config(name: str) -> TrainConfig:
+    if name not in RECIPES:
+        raise VitlabError(f"unknown recipe {name!r}; known: {', '.join(RECIPES)}")
+    return RECIPES[name].config
+
+
+def override(config: TrainConfig, values: dict[str, Any]) -> TrainConfig:
+    """Replace fields by name, converting strings from the command line to each field's type."""
+    fields = {f.name: f for f in dataclasses.fields(config)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise VitlabError(f"unknown training option(s) {', '.join(unknown)}; valid: {', '.join(sorted(fields))}")
+    converted = {name: _convert(name, value, getattr(config, name)) for name, value in values.items()}
+    return dataclasses.replace(config, **converted)
+
+
+def _convert(name: str, value: Any, current: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    import json
+
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = value
+    if isinstance(current, bool) and not isinstance(parsed, bool):
+        raise VitlabError(f"{name} must be true or false, got {value!r}")
+    if isinstance(current, (int, float)) and not isinstance(current, bool):
+        if not isinstance(parsed, (int, float)) or isinstance(parsed, bool):
+            raise VitlabError(f"{name} must be a number, got {value!r}")
+        return type(current)(parsed) if isinstance(current, float) or parsed == int(parsed) else parsed
+    if isinstance(current, tuple) and isinstance(parsed, list):
+        return tuple(parsed)
+    return parsed
+
+
+def config_to_json(config: TrainConfig) -> dict[str, Any]:
+    return {key: list(value) if isinstance(value, tuple) else value
+            for key, value in dataclasses.asdict(config).items()}
+
+
+def config_from_json(data: dict[str, Any], source: str) -> TrainConfig:
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise VitlabError(f"{source}: unknown training config field(s) {', '.join(unknown)}")
+    if "betas" in data:
+        data = {**data, "betas": tuple(data["betas"])}
+    try:
+        return TrainConfig(**data)
+    except TypeError as error:
+        raise VitlabError(f"{source}: invalid training config: {error}") from None

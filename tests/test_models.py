@@ -1,0 +1,154 @@
+"""The ViT family: exact sizes, the uniform API, any input size, and explicit vs fused attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vitlab
+from vitlab.errors import VitlabError
+from vitlab.models.layers import resample_position_embedding, sincos_2d_position_embedding
+
+# The official repo's models_test.py and timm give these counts at 224 px with a 1000-class head.
+PAPER_COUNTS = {
+    "vit-ti16": 5_717_416,
+    "vit-s16": 22_050_664,
+    "vit-b16": 86_567_656,
+    "vit-b32": 88_224_232,
+    "vit-l16": 304_326_632,
+    "vit-h14": 632_045_800,
+}
+
+
+def count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name,expected", PAPER_COUNTS.items())
+def test_parameter_counts_match_the_official_code(name: str, expected: int) -> None:
+    with torch.device("meta"):
+        model = vitlab.create_model(name)
+    assert count(model) == expected
+
+
+def test_registry_lists_every_paper_size() -> None:
+    names = vitlab.list_models("vit-")
+    for name in ("vit-ti16", "vit-s16", "vit-s32", "vit-b16", "vit-b32", "vit-b8", "vit-l16", "vit-l32", "vit-h14"):
+        assert name in names
+
+
+def test_unknown_model_and_option_are_named() -> None:
+    with pytest.raises(VitlabError, match="vit-b61"):
+        vitlab.create_model("vit-b61")
+    with pytest.raises(VitlabError, match="embed_dimm"):
+        vitlab.create_model("vit-ti16", embed_dimm=3)
+    with pytest.raises(VitlabError, match="not divisible"):
+        vitlab.create_model("vit-ti16", img_size=100)
+
+
+def tiny(**overrides) -> vitlab.models.VisionTransformer:
+    base = dict(img_size=32, patch_size=8, in_chans=3, num_classes=5, embed_dim=32, depth=2, num_heads=4, mlp_dim=64)
+    base.update(overrides)
+    model = vitlab.create_model("vit-ti16", **base)
+    for param in model.parameters():  # the zero head and class token would hide bugs
+        torch.nn.init.normal_(param, std=0.2)
+    return model.eval()
+
+
+def test_head_is_zero_initialised_and_reset_classifier_replaces_it() -> None:
+    model = vitlab.create_model("vit-mini-p4-28")
+    assert torch.count_nonzero(model.head.weight) == 0 and torch.count_nonzero(model.head.bias) == 0
+    model.reset_classifier(3)
+    assert model.head.out_features == 3 and model.config.num_classes == 3
+    assert torch.count_nonzero(model.head.weight) == 0
+    model.reset_classifier(0)
+    assert model(torch.zeros(1, 1, 28, 28)).shape == (1, model.num_features)
+
+
+def test_uniform_api_shapes() -> None:
+    model = tiny(representation_size=24)
+    x = torch.randn(2, 3, 32, 32)
+    features = model.forward_features(x)
+    assert features.shape == (2, 1 + 16, 32)
+    assert model.forward_head(features, pre_logits=True).shape == (2, 24)
+    assert torch.allclose(model.forward_head(features), model(x))
+
+
+@pytest.mark.parametrize("pool,posemb", [("token", "learned"), ("gap", "sincos2d"), ("token", "none"),
+                                         ("gap", "learned")])
+def test_explicit_attention_equals_fused_path(pool: str, posemb: str) -> None:
+    model = tiny(pool=pool, posemb=posemb)
+    x = torch.randn(3, 3, 32, 32)
+    logits, attentions = model(x, return_attention=True)
+    assert torch.allclose(logits, model(x), atol=1e-5)
+    assert len(attentions) == 2
+    tokens = 16 + (pool == "token")
+    assert attentions[0].shape == (3, 4, tokens, tokens)
+    # The probabilities are softmax(QK^T / sqrt(d)) of the block's own projections.
+    block = model.blocks[0]
+    h = block.norm1(model.embed(x))
+    q, k, _ = block.attn.qkv(h).reshape(3, tokens, 3, 4, 8).permute(2, 0, 3, 1, 4)
+    expected = (q @ k.transpose(-1, -2) / 8 ** 0.5).softmax(-1)
+    assert torch.allclose(attentions[0], expected, atol=1e-6)
+    assert torch.allclose(attentions[1].sum(-1), torch.ones(3, 4, tokens), atol=1e-5)
+
+
+def test_rectangular_and_resized_inputs_run() -> None:
+    model = tiny(img_size=(32, 48))
+    assert model.pos_embed.shape == (1, 1 + 4 * 6, 32)
+    assert model(torch.randn(1, 3, 32, 48)).shape == (1, 5)
+    # At run time the learned embedding is resampled in 2D to any divisible size.
+    assert model(torch.randn(1, 3, 64, 24)).shape == (1, 5)
+    with pytest.raises(VitlabError, match="not divisible"):
+        model(torch.randn(1, 3, 30, 48))
+
+
+def test_official_resampling_is_bilinear_align_corners() -> None:
+    grid = torch.arange(9.0).reshape(1, 3, 3, 1)
+    posemb = torch.cat([torch.full((1, 1, 1), -1.0), grid.reshape(1, 9, 1)], dim=1)
+    resized = resample_position_embedding(posemb, (5, 5), 1, mode="official")
+    assert resized[0, 0, 0] == -1.0  # the class row is kept as is
+    new = resized[0, 1:, 0].reshape(5, 5)
+    # align_corners=True keeps the corners and puts exact midpoints in between (scipy zoom order=1).
+    expected = torch.tensor([[0, .5, 1, 1.5, 2], [1.5, 2, 2.5, 3, 3.5], [3, 3.5, 4, 4.5, 5],
+                             [4.5, 5, 5.5, 6, 6.5], [6, 6.5, 7, 7.5, 8]])
+    assert torch.allclose(new, expected)
+    same = resample_position_embedding(posemb, (3, 3), 1, mode="bicubic")
+    assert torch.equal(same, posemb)
+
+
+def test_runtime_resampling_matches_explicit_resample() -> None:
+    model = tiny()
+    x = torch.randn(1, 3, 48, 48)
+    expected = resample_position_embedding(model.pos_embed, (6, 6), 1, (4, 4), mode="official")
+    assert torch.allclose(model.position_embedding((6, 6)), expected)
+    assert model(x).shape == (1, 5)
+
+
+def test_sincos2d_embedding_is_big_vision_layout() -> None:
+    table = sincos_2d_position_embedding(2, 3, 8)
+    assert table.shape == (6, 8)
+    # First quarter is sin(x * omega) with omega[0] = 1: x coordinates 0,1,2 repeat along rows.
+    assert torch.allclose(table[:, 0], torch.tensor([0.0, 1, 2, 0, 1, 2]).sin())
+    assert torch.allclose(table[:, 4], torch.tensor([0.0, 0, 0, 1, 1, 1]).sin())
+
+
+def test_drop_path_and_dropout_only_in_training() -> None:
+    model = tiny(drop_path=0.5, dropout=0.3)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(model(x), model(x))
+    model.train()
+    torch.manual_seed(0)
+    first = model(x)
+    assert not torch.equal(first, model(x))
+
+
+def test_matches_timm_on_the_same_weights() -> None:
+    timm = pytest.importorskip("timm")
+    reference = timm.create_model("vit_tiny_patch16_224", num_classes=7, img_size=(64, 96)).eval()
+    for param in reference.parameters():
+        torch.nn.init.normal_(param, std=0.05)
+    model = vitlab.create_model("vit-ti16", num_classes=7, img_size=(64, 96)).eval()
+    model.load_state_dict(reference.state_dict(), strict=True)
+    x = torch.randn(2, 3, 64, 96)
+    assert torch.allclose(model(x), reference(x), atol=1e-4)
