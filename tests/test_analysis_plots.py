@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
 import json
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +17,8 @@ from vitlab.analysis import (attention_maps, attention_rollout, mean_attention_d
                              position_embedding_similarity, plots)
 from vitlab.analysis.attention import class_token_attention
 from vitlab.commands import analyze
+from vitlab.data import read_idx
+from vitlab.weights import save_weights
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
 
@@ -117,27 +116,17 @@ def test_load_images_converts_mode_size_and_scale(tmp_path):
 
 @pytest.mark.skipif(not FASHION_MNIST.is_file(), reason="Fashion-MNIST not installed")
 def test_fashion_mnist_reader():
-    arrays = analyze.read_idx_images(FASHION_MNIST, 5)
-    assert arrays.shape == (5, 28, 28) and arrays.dtype == np.uint8 and arrays.max() > 200
+    arrays = read_idx(FASHION_MNIST)[:5]
     batch = analyze.load_dataset_images("fashion-mnist", 5, 1, (28, 28))
     assert torch.allclose(batch[:, 0], (torch.from_numpy(arrays.copy()).float() / 255 - 0.5) / 0.5)
+    assert analyze.load_dataset_images("fashion-mnist", 2, 3, (32, 32)).shape == (2, 3, 32, 32)
 
 
 @pytest.fixture
-def checkpoint(tmp_path, monkeypatch):
-    """A tiny model saved as a checkpoint; through `vitlab.weights` when it has landed, else a stand-in loader."""
-    model = tiny()
-    try:
-        weights = importlib.import_module("vitlab.weights")
-        weights.load_model  # noqa: B018
-        path = tmp_path / "tiny.safetensors"
-        weights.save_weights(model, path)
-    except (ImportError, AttributeError, TypeError):
-        path = tmp_path / "tiny.pt"
-        torch.save(model.state_dict(), path)
-        stand_in = types.ModuleType("vitlab.weights")
-        stand_in.load_model = lambda file, model_name=None: tiny()  # same seed, same weights as saved
-        monkeypatch.setitem(sys.modules, "vitlab.weights", stand_in)
+def checkpoint(tmp_path):
+    """A tiny model saved as a vitlab checkpoint."""
+    path = tmp_path / "tiny.safetensors"
+    save_weights(tiny(), path)
     return path
 
 

@@ -8,19 +8,14 @@ depth, position-embedding similarity and the patch-embedding filters' principal 
 from __future__ import annotations
 
 import argparse
-import gzip
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from vitlab.data import BUILTIN, EvalTransform, load_dataset, match_channels
+from vitlab.data.transforms import MEAN, STD
 from vitlab.errors import VitlabError
-
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-DATASETS = ("fashion-mnist",)
-# vitlab models are trained on inputs scaled as (x / 255 - 0.5) / 0.5.
-MEAN = STD = 0.5
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -28,9 +23,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                                    description=__doc__)
     parser.add_argument("checkpoint", help="vitlab checkpoint, .npz, timm or Hugging Face weights")
     parser.add_argument("--model", default=None, help="registry name when the file does not say which model")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--images", nargs="+", metavar="IMAGE", help="image files to analyse")
-    source.add_argument("--dataset", choices=DATASETS, help="analyse the first --n test images of a dataset")
+    parser.add_argument("--images", nargs="+", metavar="IMAGE", help="image files for the attention pictures")
+    parser.add_argument("--dataset", help=f"statistics (attention distance) over the first --n test images of a "
+                                          f"data set ({', '.join(BUILTIN)} or an image folder)")
     parser.add_argument("--n", type=int, default=128, help="images to take from --dataset (paper: 128)")
     parser.add_argument("--head", type=int, default=0, help="head whose per-layer attention is drawn")
     parser.add_argument("--head-fusion", choices=("mean", "max", "min"), default="mean",
@@ -43,69 +38,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-def _to_model_input(image: "PIL.Image.Image", in_chans: int, img_size: tuple[int, int]) -> torch.Tensor:  # noqa: F821
-    """Any Pillow image → the (C, H, W) tensor the model expects: its channels, its size, scaled to [-1, 1]."""
-    from PIL import Image
-
-    if in_chans == 1:
-        image = image.convert("L")
-    elif in_chans == 3:
-        image = image.convert("RGB")
-    else:
-        raise VitlabError(f"cannot turn images into {in_chans}-channel input; only 1 (gray) or 3 (RGB) are supported")
-    height, width = img_size
-    if image.size != (width, height):
-        image = image.resize((width, height), Image.Resampling.BILINEAR)
-    pixels = np.asarray(image, dtype=np.float32).reshape(height, width, in_chans)
-    return (torch.from_numpy(pixels.copy()).permute(2, 0, 1) / 255.0 - MEAN) / STD
-
-
 def load_images(paths: Sequence[str | Path], in_chans: int, img_size: tuple[int, int]) -> torch.Tensor:
-    """Image files as a normalised (B, C, H, W) batch; an unreadable file is a VitlabError naming it."""
-    from PIL import Image, UnidentifiedImageError
+    """Image files of any mode and size as the normalised (B, C, H, W) batch the model expects."""
+    from vitlab.data.folder import read_image
 
-    batch = []
-    for path in paths:
-        try:
-            with Image.open(path) as image:
-                image.load()
-                batch.append(_to_model_input(image, in_chans, img_size))
-        except (OSError, UnidentifiedImageError, ValueError) as error:
-            if isinstance(error, VitlabError):
-                raise
-            raise VitlabError(f"cannot read image {path}: {error}") from None
-    return torch.stack(batch)
-
-
-def read_idx_images(path: str | Path, count: int) -> np.ndarray:
-    """The first `count` images of a gzipped IDX file as uint8 (N, H, W).
-
-    Stand-in until `vitlab.data` provides the datasets; kept small so it can be swapped out in one place.
-    """
-    path = Path(path)
-    try:
-        with gzip.open(path, "rb") as stream:
-            header = stream.read(16)
-            magic, total, height, width = (int.from_bytes(header[i:i + 4], "big") for i in range(0, 16, 4))
-            if len(header) < 16 or magic != 2051:
-                raise VitlabError(f"{path} is not an IDX image file")
-            count = min(count, total)
-            data = stream.read(count * height * width)
-    except (OSError, EOFError) as error:
-        raise VitlabError(f"cannot read {path}: {error}") from None
-    if len(data) != count * height * width:
-        raise VitlabError(f"{path} is truncated")
-    return np.frombuffer(data, dtype=np.uint8).reshape(count, height, width)
+    mode = "L" if in_chans == 1 else "RGB"
+    if in_chans not in (1, 3):
+        raise VitlabError(f"cannot turn images into {in_chans}-channel input; only 1 (gray) or 3 (RGB) are supported")
+    batch = torch.stack([torch.from_numpy(read_image(Path(path), mode, img_size)) for path in paths])
+    return EvalTransform(img_size)(batch)
 
 
 def load_dataset_images(name: str, count: int, in_chans: int, img_size: tuple[int, int]) -> torch.Tensor:
-    """The first `count` test images of a dataset, prepared like `load_images`."""
-    from PIL import Image
-
-    if name != "fashion-mnist":
-        raise VitlabError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
-    arrays = read_idx_images(FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz", count)
-    return torch.stack([_to_model_input(Image.fromarray(array), in_chans, img_size) for array in arrays])
+    """The first `count` test images of a data set, prepared like `load_images`."""
+    test = load_dataset(name, "test", img_size=img_size[0])
+    return EvalTransform(img_size)(match_channels(test.images[:count], in_chans))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -134,13 +81,18 @@ def run(args: argparse.Namespace) -> int:
         raise VitlabError(f"--head must be in [0, {config.num_heads - 1}], got {args.head}")
     model = model.to(device).eval()
 
+    if not args.images and not args.dataset:
+        raise VitlabError("give --images, --dataset or both")
+    statistics = None
+    if args.dataset:
+        statistics = load_dataset_images(args.dataset, args.n, config.in_chans, config.img_size).to(device)
     if args.images:
-        images = load_images(args.images, config.in_chans, config.img_size)
+        images = load_images(args.images, config.in_chans, config.img_size).to(device)
         names = [Path(path).name for path in args.images]
     else:
-        images = load_dataset_images(args.dataset, args.n, config.in_chans, config.img_size)
+        images = statistics
         names = [f"{args.dataset} #{index}" for index in range(images.shape[0])]
-    images = images.to(device)
+    statistics = images if statistics is None else statistics
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     grid = model.grid_size_for(*images.shape[-2:])
@@ -168,12 +120,12 @@ def run(args: argparse.Namespace) -> int:
                                f"{names[0]}; one colour scale for all layers.",
                     "data": {"image": names[0], "head": args.head, "maps": layer_maps}})
 
-    distances = mean_attention_distance(model, images)
+    distances = mean_attention_distance(model, statistics)
     plots.plot_attention_distance(distances.cpu(), out / "attention_distance.png", tuple(config.img_size))
     entries.append({"file": "attention_distance.png", "title": "Mean attention distance",
                     "caption": f"Attention-weighted mean distance in pixels between query and key patches, per "
-                               f"head (dots) and layer, averaged over {images.shape[0]} images (paper: 128).",
-                    "data": {"images": images.shape[0], "distance_pixels": distances}})
+                               f"head (dots) and layer, averaged over {statistics.shape[0]} images (paper: 128).",
+                    "data": {"images": statistics.shape[0], "distance_pixels": distances}})
 
     if config.posemb != "none":
         similarity = position_embedding_similarity(model)
