@@ -1,0 +1,47 @@
+"""`vitlab convert`: rewrite a checkpoint in another format (vitlab, Google .npz, timm, Hugging Face)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from vitlab.errors import VitlabError
+from vitlab.weights import FORMATS, load_model, save_weights
+
+_BY_SUFFIX = {".safetensors": "vitlab", ".npz": "npz", "": "hf"}
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "convert", help="convert weights between vitlab, .npz, timm and Hugging Face formats",
+        description="Read IN (any format vitlab loads) and write OUT. Without --to the format follows OUT: "
+                    ".safetensors → vitlab, .npz → npz, no extension → hf (a directory); timm needs --to timm.")
+    parser.add_argument("input", metavar="IN", help="weight file, Hugging Face directory or vitlab run directory")
+    parser.add_argument("output", metavar="OUT", help="file or directory to write")
+    parser.add_argument("--to", choices=FORMATS, default=None, help="output format (default: from OUT)")
+    parser.add_argument("--model", default=None, metavar="NAME",
+                        help="model name (see `vitlab models`); needed for timm files, which omit the head count")
+    parser.add_argument("--img-size", type=int, default=None, metavar="N",
+                        help="resample the position embedding to N×N pixels before writing")
+    parser.set_defaults(run=run)
+
+
+def output_format(output: Path, requested: str | None) -> str:
+    if requested is not None:
+        return requested
+    suffix = output.suffix.lower()
+    if suffix not in _BY_SUFFIX:
+        raise VitlabError(f"cannot tell the output format from {output.name!r}; pass --to {{{','.join(FORMATS)}}}")
+    return _BY_SUFFIX[suffix]
+
+
+def run(args: argparse.Namespace) -> int:
+    output = Path(args.output)
+    fmt = output_format(output, args.to)
+    overrides = {"img_size": args.img_size} if args.img_size is not None else {}
+    model = load_model(args.input, args.model, **overrides)
+    save_weights(model, output, fmt)
+    config = model.config
+    print(f"wrote {output} ({fmt}): {config.depth} blocks, width {config.embed_dim}, patch {config.patch_size}, "
+          f"{config.img_size[0]}x{config.img_size[1]} px, {config.num_classes} classes")
+    return 0

@@ -1,0 +1,109 @@
+"""Reading and writing weight files safely: atomic writes, safetensors with metadata, tensor-only torch.load.
+
+Every writer goes through `atomic_writer`, so a crash or a full disk never leaves a half-written checkpoint
+under the final name. Pickle-based files are only ever opened with `torch.load(weights_only=True)`, which
+refuses anything but tensors and plain containers, so a malicious `.pth` cannot run code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import BinaryIO
+
+import safetensors
+import safetensors.torch
+import torch
+
+from vitlab.errors import VitlabError
+
+# Keys under which training scripts commonly nest a state dict inside a `.pth`/`.bin` file.
+_NESTED_STATE_KEYS = ("state_dict", "model", "model_state_dict", "module", "state_dict_ema")
+
+
+@contextlib.contextmanager
+def atomic_writer(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
+    """Yield a binary file in `path`'s directory that replaces `path` only once fully written and synced."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
+    try:
+        with handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(handle.name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(handle.name)
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable where the platform allows it
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+
+def write_safetensors(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor],
+                      metadata: dict[str, str] | None = None) -> None:
+    """Write tensors (moved to CPU, made contiguous) as one safetensors file, atomically."""
+    cpu = {key: value.detach().to("cpu").contiguous() for key, value in tensors.items()}
+    data = safetensors.torch.save(cpu, metadata=metadata)
+    with atomic_writer(path) as handle:
+        handle.write(data)
+
+
+def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors of a safetensors file on CPU, and its string metadata (empty when it has none)."""
+    try:
+        with safetensors.safe_open(str(path), framework="pt", device="cpu") as reader:
+            metadata = dict(reader.metadata() or {})
+            tensors = {key: reader.get_tensor(key) for key in reader.keys()}
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # safetensors raises its own error type for a corrupt header
+        raise VitlabError(f"{path}: not a readable safetensors file ({error})") from None
+    return tensors, metadata
+
+
+def load_torch_tensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """The state dict in a `.pth`/`.bin` file, read with `weights_only=True` and nothing else.
+
+    A file whose pickle names any callable other than tensor rebuilders is refused, never executed.
+    """
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except (pickle.UnpicklingError, RuntimeError, AttributeError, EOFError, ValueError, TypeError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise VitlabError(f"{path}: refused to load: not a plain tensor file that torch.load(weights_only=True) "
+                          f"accepts ({first_line})") from None
+    return _find_state_dict(loaded, path)
+
+
+def _find_state_dict(obj: object, path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    if isinstance(obj, Mapping):
+        tensors = {key: value for key, value in obj.items() if isinstance(value, torch.Tensor)}
+        if tensors and len(tensors) == len(obj):
+            return dict(tensors)
+        for key in _NESTED_STATE_KEYS:
+            if isinstance(obj.get(key), Mapping):
+                return _find_state_dict(obj[key], path)
+        if tensors:
+            return dict(tensors)
+    raise VitlabError(f"{path}: no state dict of tensors found (top level is {type(obj).__name__}"
+                      + (f" with keys {', '.join(map(str, list(obj)[:8]))}" if isinstance(obj, Mapping) else "")
+                      + ")")
+
+
+def describe_keys(keys: list[str], shapes: Mapping[str, tuple[int, ...]] | None = None, limit: int = 5) -> str:
+    """'a (1, 2), b (3,) and 4 more': a few names (with shapes when given) and a count, for error messages."""
+    shown = [f"{key} {tuple(shapes[key])}" if shapes and key in shapes else key for key in keys[:limit]]
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(shown) + more

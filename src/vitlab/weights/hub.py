@@ -1,0 +1,191 @@
+"""Published ViT checkpoints by name: where they live, what they expect, and a verified download cache.
+
+The catalogue lists Google's own `.npz` releases (gs://vit_models): the original ImageNet-21k models of the ViT
+paper and the AugReg models of "How to train your ViT?" (Steiner et al., 2021). Google publishes no checksums
+for these files, so their entries carry `sha256=None`: the first download's digest is recorded next to the
+cached file, and an entry that does name a digest refuses (and deletes) any download that does not match it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from vitlab.errors import VitlabError
+from vitlab.weights.files import atomic_writer
+from vitlab.weights.io import load_weights
+
+_CHUNK = 1 << 20
+_NO_PUBLISHED_CHECKSUM = "no checksum is published for this file; the first download's sha256 is recorded"
+_BUCKET = "https://storage.googleapis.com/vit_models"
+IMAGENET21K_CLASSES = 21843
+
+
+@dataclass(frozen=True)
+class Pretrained:
+    """One published checkpoint: its file, and the input and head it was trained with."""
+
+    model_name: str
+    tag: str
+    url: str
+    img_size: int
+    num_classes: int
+    representation_size: int | None = None
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # VT and big_vision feed (x - 127.5) / 127.5
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    sha256: str | None = None
+    checksum_note: str = _NO_PUBLISHED_CHECKSUM
+    description: str = ""
+
+
+CATALOGUE: dict[tuple[str, str], Pretrained] = {}
+
+
+def _add(entry: Pretrained) -> None:
+    CATALOGUE[(entry.model_name, entry.tag)] = entry
+
+
+# Original release (Dosovitskiy et al.): i21k pre-training keeps its pre-logits layer (width = embed dim);
+# the ImageNet fine-tunes were made at 384 px, plus 224-px ones for B/16 and L/16.
+for _name, _file, _width in (("vit-b16", "ViT-B_16", 768), ("vit-b32", "ViT-B_32", 768),
+                             ("vit-l16", "ViT-L_16", 1024), ("vit-l32", "ViT-L_32", 1024),
+                             ("vit-h14", "ViT-H_14", 1280)):
+    _add(Pretrained(_name, "orig-in21k", f"{_BUCKET}/imagenet21k/{_file}.npz", 224, IMAGENET21K_CLASSES, _width,
+                    description="ImageNet-21k pre-training, original ViT paper"))
+    if _name != "vit-h14":
+        _add(Pretrained(_name, "orig-in21k-ft-in1k-384", f"{_BUCKET}/imagenet21k+imagenet2012/{_file}.npz", 384,
+                        1000, description="ImageNet-21k, fine-tuned on ImageNet-1k at 384 px, original ViT paper"))
+for _name, _file in (("vit-b16", "ViT-B_16"), ("vit-l16", "ViT-L_16")):
+    _add(Pretrained(_name, "orig-in21k-ft-in1k", f"{_BUCKET}/imagenet21k+imagenet2012/{_file}-224.npz", 224, 1000,
+                    description="ImageNet-21k, fine-tuned on ImageNet-1k at 224 px, original ViT paper"))
+
+# AugReg: the recommended checkpoint per size (the pre-training run, then its ImageNet-1k fine-tune).
+_AUGREG_I21K = {
+    "vit-ti16": ("Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0", "0.03"),
+    "vit-s32": ("S_32-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0", "0.03"),
+    "vit-s16": ("S_16-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0", "0.03"),
+    "vit-b32": ("B_32-i21k-300ep-lr_0.001-aug_medium1-wd_0.03-do_0.0-sd_0.0", "0.03"),
+    "vit-b16": ("B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0", "0.01"),
+    "vit-b8": ("B_8-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0", "0.01"),
+    "vit-l16": ("L_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.1-sd_0.1", "0.01"),
+}
+_AUGREG_384_RUN = {"vit-b32": "B_32-i21k-300ep-lr_0.001-aug_light1-wd_0.1-do_0.0-sd_0.0"}  # a different run
+for _name, (_run, _lr) in _AUGREG_I21K.items():
+    _add(Pretrained(_name, "augreg-in21k", f"{_BUCKET}/augreg/{_run}.npz", 224, IMAGENET21K_CLASSES,
+                    description="AugReg ImageNet-21k pre-training, 300 epochs"))
+    _add(Pretrained(_name, "augreg-in21k-ft-in1k",
+                    f"{_BUCKET}/augreg/{_run}--imagenet2012-steps_20k-lr_{_lr}-res_224.npz", 224, 1000,
+                    description="AugReg ImageNet-21k, fine-tuned on ImageNet-1k at 224 px"))
+    if _name != "vit-b8":
+        _add(Pretrained(_name, "augreg-in21k-ft-in1k-384",
+                        f"{_BUCKET}/augreg/{_AUGREG_384_RUN.get(_name, _run)}--imagenet2012-steps_20k-lr_{_lr}"
+                        "-res_384.npz", 384, 1000,
+                        description="AugReg ImageNet-21k, fine-tuned on ImageNet-1k at 384 px"))
+for _name, _run in (("vit-s16", "S_16-i1k-300ep-lr_0.001-aug_medium2-wd_0.1-do_0.0-sd_0.0"),
+                    ("vit-b32", "B_32-i1k-300ep-lr_0.001-aug_medium2-wd_0.1-do_0.1-sd_0.1"),
+                    ("vit-b16", "B_16-i1k-300ep-lr_0.001-aug_strong2-wd_0.1-do_0.1-sd_0.1")):
+    for _res in (224, 384):
+        _add(Pretrained(_name, "augreg-in1k" + ("-384" if _res == 384 else ""),
+                        f"{_BUCKET}/augreg/{_run}--imagenet2012-steps_20k-lr_0.01-res_{_res}.npz", _res, 1000,
+                        description=f"AugReg ImageNet-1k only, 300 epochs, fine-tuned at {_res} px"))
+
+
+def list_pretrained(model_name: str | None = None) -> list[Pretrained]:
+    """Catalogue entries, all or for one model, sorted by model and tag."""
+    return [CATALOGUE[key] for key in sorted(CATALOGUE) if model_name in (None, key[0])]
+
+
+def get_pretrained(model_name: str, tag: str) -> Pretrained:
+    """The catalogue entry for (model, tag); an unknown tag is an error that lists the model's tags."""
+    entry = CATALOGUE.get((model_name, tag))
+    if entry is not None:
+        return entry
+    tags = [entry.tag for entry in list_pretrained(model_name)]
+    if tags:
+        raise VitlabError(f"no checkpoint {tag!r} for {model_name}; known tags: {', '.join(tags)}")
+    models = sorted({name for name, _ in CATALOGUE})
+    raise VitlabError(f"no published checkpoints for {model_name!r}; models with checkpoints: {', '.join(models)}")
+
+
+def cache_dir() -> Path:
+    """Where downloads are kept: `$VITLAB_CACHE`, else `~/.cache/vitlab`."""
+    return Path(os.environ.get("VITLAB_CACHE") or Path.home() / ".cache" / "vitlab")
+
+
+def cache_path(entry: Pretrained, cache: Path) -> Path:
+    """The cache file for an entry; its name is built from the catalogue, never trusted from the URL alone."""
+    basename = os.path.basename(urllib.parse.unquote(urllib.parse.urlparse(entry.url).path))
+    safe = re.sub(r"[^A-Za-z0-9._+-]", "_", basename).lstrip(".") or "checkpoint"
+    name = re.sub(r"[^A-Za-z0-9._+-]", "_", f"{entry.model_name}--{entry.tag}--{safe}")
+    path = cache / name
+    if path.resolve().parent != cache.resolve():
+        raise VitlabError(f"refusing cache file name {name!r} for {entry.url}: it would leave {cache}")
+    return path
+
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _record(path: Path, digest: str) -> None:
+    with atomic_writer(path.with_name(path.name + ".sha256")) as handle:
+        handle.write(f"{digest}  {path.name}\n".encode())
+
+
+def _recorded(path: Path) -> str | None:
+    record = path.with_name(path.name + ".sha256")
+    if not record.is_file():
+        return None
+    fields = record.read_text().split()
+    return fields[0] if fields else None
+
+
+def download(entry: Pretrained, cache: Path | None = None) -> Path:
+    """The entry's file in the cache, downloaded (atomically, verified) only if not there already."""
+    cache = Path(cache) if cache is not None else cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    path = cache_path(entry, cache)
+    if path.is_file():
+        recorded = _recorded(path)
+        if entry.sha256 is None or recorded == entry.sha256:
+            if recorded is None:
+                _record(path, _sha256_of(path))
+            return path
+        if _sha256_of(path) == entry.sha256:
+            _record(path, entry.sha256)
+            return path
+        path.unlink()  # cached under an older or wrong checksum: fetch again
+    digest = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(entry.url, timeout=60) as response, atomic_writer(path) as handle:
+            while chunk := response.read(_CHUNK):
+                digest.update(chunk)
+                handle.write(chunk)
+            if entry.sha256 is not None and digest.hexdigest() != entry.sha256:
+                raise VitlabError(f"{entry.url}: sha256 {digest.hexdigest()} does not match the catalogue's "
+                                  f"{entry.sha256}; the download was deleted")
+    except (urllib.error.URLError, OSError) as error:
+        raise VitlabError(f"could not download {entry.url}: {getattr(error, 'reason', error)}") from None
+    _record(path, digest.hexdigest())
+    return path
+
+
+def load_pretrained(model: nn.Module, model_name: str, tag: str, cache: Path | None = None) -> nn.Module:
+    """Download (once) the checkpoint `tag` of `model_name` and load it into `model`.
+
+    The position embedding is resampled to the model's image size with the official mode; a model whose class
+    count (or pre-logits layer) differs from the checkpoint's gets a new zero-initialised head.
+    """
+    return load_weights(model, download(get_pretrained(model_name, tag), cache), reset_head=True)

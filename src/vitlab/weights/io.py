@@ -1,0 +1,323 @@
+"""One entry point for every weight format: detect it, map it to vitlab's keys, fit it to a model, load it.
+
+Formats: vitlab safetensors (config in the "vitlab_config" metadata; training checkpoints keep the weights
+under `model/`), Google `.npz`, timm (`.safetensors`, or `.pth`/`.bin` read tensor-only), and Hugging Face
+model directories. Position embeddings are resampled to the model's grid: with the official bilinear
+(align_corners=True) mode for `.npz`, as the official fine-tuning code does, else with the model's own mode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vitlab.errors import VitlabError
+from vitlab.models.layers import resample_position_embedding
+from vitlab.models.registry import apply_overrides, build_model, config_from_dict, config_to_dict, model_config
+from vitlab.models.vit import ViTConfig
+from vitlab.weights import hf, npz, timm
+from vitlab.weights.files import describe_keys, load_torch_tensors, read_safetensors, write_safetensors
+
+FORMATS = ("vitlab", "npz", "timm", "hf")
+CONFIG_METADATA_KEY = "vitlab_config"
+MODEL_PREFIX = "model/"  # training checkpoints: the weights to use; other prefixes hold optimiser/EMA state
+RUN_FILES = ("best.safetensors", "last.safetensors")
+TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+# What `load_model(path, model_name)` takes from the file rather than from the named model.
+_FILE_FIELDS_WITH_NAME = ("num_classes", "img_size", "representation_size", "pool", "qkv_bias")
+# What must agree between a file that records its config and a model name given with it.
+_ARCHITECTURE_FIELDS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_dim")
+
+
+@dataclass
+class WeightFile:
+    """A checkpoint read into vitlab's key layout, with what the file says about the model it came from."""
+
+    path: Path
+    format: str
+    state_dict: dict[str, torch.Tensor]
+    fields: dict[str, Any]  # ViTConfig fields the file determines
+    config: Any | None  # the complete model config, when the file records or implies one
+    grid: tuple[int, int] | None  # patch grid the position embedding was trained at, when known
+    resample: str | None = None  # position-embedding resample mode the format prescribes
+
+
+def resolve_path(path: str | os.PathLike[str]) -> Path:
+    """The file to read for `path`: itself, or a training run directory's best (else last) checkpoint."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(2, "No such file or directory", str(path))
+    if path.is_dir() and not (path / hf.CONFIG_NAME).is_file():
+        for name in RUN_FILES:
+            if (path / name).is_file():
+                return path / name
+        raise VitlabError(f"{path}: a directory, but neither a Hugging Face model ({hf.CONFIG_NAME}) nor a vitlab "
+                          f"run ({' or '.join(RUN_FILES)})")
+    return path
+
+
+def read_weights(path: str | os.PathLike[str]) -> WeightFile:
+    """Detect the format of `path` and read it into vitlab's layout (no model needed)."""
+    path = resolve_path(path)
+    source = str(path)
+    if path.is_dir():
+        state, fields = hf.read_directory(path)
+        return WeightFile(path, "hf", state, fields, _complete_config(fields, source), _grid_of(fields))
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        state, fields, grid = npz.to_state_dict(npz.read_npz(path), source)
+        return WeightFile(path, "npz", state, fields, _complete_config(fields, source), grid, "official")
+    if suffix == ".safetensors":
+        tensors, metadata = read_safetensors(path)
+        if CONFIG_METADATA_KEY in metadata:
+            return _vitlab_file(path, tensors, metadata[CONFIG_METADATA_KEY])
+    elif suffix in TORCH_SUFFIXES:
+        tensors = load_torch_tensors(path)
+    else:
+        raise VitlabError(f"{path}: unknown weight format {suffix or '(no extension)'!r}; expected .safetensors, "
+                          f".npz, {', '.join(TORCH_SUFFIXES)} or a Hugging Face model directory")
+    keys = set(timm.strip_wrapper_prefix(tensors))
+    if hf.looks_like_hf(keys):
+        state, file_format = hf.to_state_dict(timm.strip_wrapper_prefix(tensors), source), "hf"
+    elif timm.looks_like_timm(keys):
+        state, file_format = timm.to_state_dict(tensors, source), "timm"
+    else:
+        raise VitlabError(f"{path}: keys match neither timm nor Hugging Face ViT: {describe_keys(sorted(keys))}")
+    fields, grid = _shape_fields(state)
+    return WeightFile(path, file_format, state, fields, None, grid)
+
+
+def _vitlab_file(path: Path, tensors: dict[str, torch.Tensor], config_json: str) -> WeightFile:
+    try:
+        config = config_from_dict(json.loads(config_json), source=str(path))
+    except json.JSONDecodeError as error:
+        raise VitlabError(f"{path}: metadata {CONFIG_METADATA_KEY!r} is not valid JSON ({error})") from None
+    if any("/" in key for key in tensors):  # a training checkpoint: model/, optim/, ema/, train/ ...
+        tensors = {key[len(MODEL_PREFIX):]: value for key, value in tensors.items() if key.startswith(MODEL_PREFIX)}
+        if not tensors:
+            raise VitlabError(f"{path}: a vitlab checkpoint with prefixed keys but no {MODEL_PREFIX!r} weights")
+    fields = {field.name: getattr(config, field.name) for field in dataclasses.fields(config)}
+    return WeightFile(path, "vitlab", tensors, fields, config, getattr(config, "grid_size", None))
+
+
+def _complete_config(fields: dict[str, Any], source: str) -> ViTConfig | None:
+    """A ViTConfig from fields that describe a whole model; None when the image size cannot be told."""
+    if fields.get("posemb") == "learned" and "img_size" not in fields:
+        return None
+    try:
+        return ViTConfig(**fields)
+    except (TypeError, VitlabError) as error:
+        raise VitlabError(f"{source}: the weights describe an invalid model ({error})") from None
+
+
+def _grid_of(fields: dict[str, Any]) -> tuple[int, int] | None:
+    size = fields.get("img_size")
+    if size is None:
+        return None
+    height, width = (size, size) if isinstance(size, int) else size
+    return (int(height) // fields["patch_size"], int(width) // fields["patch_size"])
+
+
+def _shape_fields(state: dict[str, torch.Tensor]) -> tuple[dict[str, Any], tuple[int, int] | None]:
+    """What a vitlab-layout state dict's shapes say beyond the architecture a model name fixes: classes, pooling,
+    biases, pre-logits width and, when its grid is square, the image size (returned with the grid)."""
+    patch = state["patch_embed.proj.weight"].shape[2]
+    class_token = "cls_token" in state
+    fields: dict[str, Any] = {
+        "pool": "token" if class_token else "gap", "qkv_bias": "blocks.0.attn.qkv.bias" in state,
+        "num_classes": state["head.weight"].shape[0] if "head.weight" in state else 0,
+        "representation_size": state["pre_logits.fc.weight"].shape[0] if "pre_logits.fc.weight" in state else None,
+    }
+    grid = None
+    if "pos_embed" in state:
+        rows = state["pos_embed"].shape[1] - int(class_token)
+        side = math.isqrt(max(rows, 0))
+        if side * side == rows:
+            grid = (side, side)
+            fields["img_size"] = (side * patch, side * patch)
+    return fields, grid
+
+
+def _fit_position_embedding(state: dict[str, torch.Tensor], model: nn.Module, file: WeightFile) -> None:
+    """Resample the file's position embedding to the model's patch grid, keeping the class-token row."""
+    wanted = getattr(model, "pos_embed", None)
+    source = state.get("pos_embed")
+    if wanted is None or source is None or source.ndim != 3 or source.shape[2] != wanted.shape[2]:
+        return  # the key check reports it
+    if ("cls_token" in state) != (getattr(model, "cls_token", None) is not None):
+        return  # a class-token mismatch is reported as a missing/unexpected key, not papered over here
+    target_grid = model.config.grid_size
+    grid = file.grid
+    prefix = model.num_prefix_tokens
+    if grid is not None and grid[0] * grid[1] + prefix != source.shape[1]:
+        grid = None
+    if source.shape[1] == wanted.shape[1] and grid in (None, target_grid):
+        return
+    try:
+        state["pos_embed"] = resample_position_embedding(source, target_grid, prefix, grid,
+                                                         file.resample or model.config.posemb_resample)
+    except VitlabError as error:
+        raise VitlabError(f"{file.path}: cannot resample pos_embed {tuple(source.shape)} to the model's "
+                          f"{target_grid[0]}x{target_grid[1]} grid: {error}") from None
+
+
+def _fit_head(state: dict[str, torch.Tensor], target: dict[str, torch.Tensor], model: nn.Module,
+              reset_head: bool, path: Path) -> set[str]:
+    """Drop a head (and pre-logits) that does not fit the model when allowed, zeroing the model's head instead;
+    otherwise say why it does not fit. Returns the model keys thus left to their (zero) values."""
+    file_pre = state.get("pre_logits.fc.weight")
+    dropped = False
+    if file_pre is not None and "pre_logits.fc.weight" not in target:
+        if not reset_head:
+            raise VitlabError(f"{path}: the checkpoint has a pre-logits layer (pre_logits.fc.weight "
+                              f"{tuple(file_pre.shape)}, representation_size={file_pre.shape[0]}) that the model "
+                              f"lacks; build the model with representation_size={file_pre.shape[0]}, or pass "
+                              "reset_head=True to drop it together with the head (the official fine-tuning recipe)")
+        for key in [key for key in state if key.startswith(("pre_logits.", "head."))]:
+            del state[key]
+        dropped = True
+    file_head, model_head = state.get("head.weight"), target.get("head.weight")
+    file_shape = None if file_head is None else tuple(file_head.shape)
+    model_shape = None if model_head is None else tuple(model_head.shape)
+    if not dropped and file_shape != model_shape:
+        if not reset_head:
+            def describe(shape: tuple[int, ...] | None) -> str:
+                return "no head" if shape is None else f"head.weight {shape} ({shape[0]} classes)"
+
+            raise VitlabError(f"{path}: head does not match: checkpoint has {describe(file_shape)}, model has "
+                              f"{describe(model_shape)}; pass reset_head=True to keep a new zero-initialised head")
+        for key in [key for key in state if key.startswith("head.")]:
+            del state[key]
+        dropped = True
+    head = getattr(model, "head", None)
+    if not dropped or not isinstance(head, nn.Module):
+        return set()
+    with torch.no_grad():
+        for parameter in head.parameters():
+            parameter.zero_()
+    return {key for key in target if key.startswith("head.")}
+
+
+def _check_keys(state: dict[str, torch.Tensor], target: dict[str, torch.Tensor], strict: bool,
+                file: WeightFile, reset: set[str]) -> None:
+    missing = [key for key in target if key not in state and key not in reset]
+    unexpected = [key for key in state if key not in target]
+    mismatched = [key for key in state if key in target and state[key].shape != target[key].shape]
+    problems = []
+    if strict and missing:
+        problems.append(f"{len(missing)} missing: {describe_keys(missing, {k: target[k].shape for k in missing})}")
+    if strict and unexpected:
+        problems.append(f"{len(unexpected)} unexpected: "
+                        f"{describe_keys(unexpected, {k: state[k].shape for k in unexpected})}")
+    if mismatched:
+        shown = ", ".join(f"{key} file {tuple(state[key].shape)} vs model {tuple(target[key].shape)}"
+                          for key in mismatched[:5])
+        more = f" and {len(mismatched) - 5} more" if len(mismatched) > 5 else ""
+        problems.append(f"{len(mismatched)} with different shapes: {shown}{more}")
+    if problems:
+        raise VitlabError(f"{file.path} ({file.format} weights) does not fit the model: " + "; ".join(problems))
+
+
+def _load_into(model: nn.Module, file: WeightFile, reset_head: bool, strict: bool) -> nn.Module:
+    state = dict(file.state_dict)
+    target = model.state_dict()
+    _fit_position_embedding(state, model, file)
+    reset = _fit_head(state, target, model, reset_head, file.path)
+    _check_keys(state, target, strict, file, reset)
+    model.load_state_dict({key: value for key, value in state.items() if key in target}, strict=False)
+    return model
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike[str], *, reset_head: bool = False,
+                 strict: bool = True) -> nn.Module:
+    """Load any supported weight file into `model` (in place; returned for chaining).
+
+    The position embedding is resampled to the model's grid. A head (or pre-logits layer) that does not fit the
+    model is refused unless `reset_head`, which drops it and zeroes the model's head, as for fine-tuning.
+    `strict=False` tolerates missing and unexpected keys; differing shapes are always an error.
+    """
+    return _load_into(model, read_weights(path), reset_head, strict)
+
+
+def load_model(path: str | os.PathLike[str], model_name: str | None = None, **overrides: Any) -> nn.Module:
+    """Build the model a weight file describes and load it.
+
+    vitlab files, Hugging Face directories and `.npz` files carry or imply their config (a `model_name` given
+    for them is only checked against it). timm files do not record the head count, so they need `model_name`,
+    whose config then takes the file's class count, image size, pooling, qkv biases and pre-logits width.
+    `overrides` (e.g. `img_size=384`, `num_classes=10`) change the config before loading; a changed class count
+    or pre-logits width starts a new zero head.
+    """
+    file = read_weights(path)
+    if file.config is not None:
+        config = file.config
+        if model_name is not None:
+            _check_named(config, model_name, file.path)
+    elif model_name is not None:
+        config = apply_overrides(model_config(model_name),
+                                 {key: file.fields[key] for key in _FILE_FIELDS_WITH_NAME if key in file.fields})
+    elif file.format in ("npz", "hf"):
+        if "img_size" not in overrides:
+            raise VitlabError(f"{file.path}: the position embedding's grid is not square, so the image size "
+                              "cannot be told; pass img_size=(height, width)")
+        config = ViTConfig(**{**file.fields, "img_size": overrides["img_size"]})
+    else:
+        raise VitlabError(f"{file.path}: {file.format} weights do not record the number of attention heads; "
+                          "pass model_name (see `vitlab models`)")
+    config = apply_overrides(config, overrides)
+    reset_head = bool({"num_classes", "representation_size"} & set(overrides))
+    return _load_into(_uninitialised_model(config), file, reset_head=reset_head, strict=True)
+
+
+def _check_named(config: Any, model_name: str, path: Path) -> None:
+    named = model_config(model_name)
+    differ = [f"{field} {getattr(config, field, None)} (file) vs {getattr(named, field, None)}"
+              for field in _ARCHITECTURE_FIELDS if getattr(config, field, None) != getattr(named, field, None)]
+    if differ:
+        raise VitlabError(f"{path} does not hold a {model_name}: {', '.join(differ)}")
+
+
+def _uninitialised_model(config: Any) -> nn.Module:
+    """The model with allocated but unfilled parameters: a strict load overwrites all of them (a reset head is
+    zeroed), so running the initialisers first would only cost time (seconds for ViT-L on a CPU)."""
+    with torch.device("meta"):
+        model = build_model(config)
+    persistent = set(model.state_dict())
+    if any(name not in persistent for name, _ in model.named_buffers()):
+        return build_model(config)  # non-persistent buffers are computed at construction, not loaded
+    return model.to_empty(device="cpu")
+
+
+def save_weights(model: nn.Module, path: str | os.PathLike[str], format: str = "vitlab") -> Path:
+    """Write `model`'s weights atomically; returns the path written.
+
+    `vitlab`: one safetensors file whose metadata holds the config; `timm`: safetensors under timm's keys;
+    `npz`: Google's VT/AugReg layout; `hf`: a directory `transformers.ViTForImageClassification` (or `ViTModel`
+    without a head) opens with `from_pretrained`.
+    """
+    if format not in FORMATS:
+        raise VitlabError(f"unknown weight format {format!r}; choose one of {', '.join(FORMATS)}")
+    path = Path(path)
+    config = model.config
+    state = {key: value.detach() for key, value in model.state_dict().items()}
+    if format == "vitlab":
+        write_safetensors(path, state, {CONFIG_METADATA_KEY: json.dumps(config_to_dict(config))})
+        return path
+    if not isinstance(config, ViTConfig):
+        raise VitlabError(f"{format} weights exist only for ViT models, not {type(config).__name__}")
+    if format == "timm":
+        write_safetensors(path, timm.from_state_dict(state, config), {"format": "pt"})
+    elif format == "npz":
+        npz.write_npz(path, npz.from_state_dict(state, config))
+    else:
+        hf.write_directory(path, state, config)
+    return path
+

@@ -1,0 +1,268 @@
+"""Google's Flax `.npz` checkpoints (vision_transformer, AugReg, big_vision) ⇄ vitlab state dicts.
+
+Reading accepts every ViT layout the published files use: the pre-linen VT/AugReg names (sub-modules numbered
+MultiHeadDotProductAttention_1 / LayerNorm_2 / MlpBlock_3), big_vision's linen names (numbered 0 / 1 / 0, a
+top-level `pos_embedding` without a class-token row, optionally one scanned `encoderblock` whose arrays carry a
+leading depth axis), the `opt/target/`, `params/` and `params/img/` prefixes, and bfloat16 arrays. Writing
+produces the VT/AugReg layout, which is what the official repository's `checkpoint.load` reads.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import zipfile
+from typing import Any
+
+import numpy as np
+import torch
+
+from vitlab.errors import VitlabError
+from vitlab.models.vit import ViTConfig
+from vitlab.weights.files import atomic_writer, describe_keys
+
+PREFIXES = ("", "opt/target/", "params/", "params/img/")
+# (attention, MLP, second LayerNorm) sub-module indices inside an encoder block.
+_VT_SUBMODULES = (1, 3, 2)
+_BV_SUBMODULES = (0, 0, 1)
+
+
+def read_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    """The raw arrays of an `.npz` file, read without pickle."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {key: data[key] for key in data.files}
+    except FileNotFoundError:
+        raise
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as error:
+        raise VitlabError(f"{path}: not a readable .npz file ({error})") from None
+
+
+def to_float32(array: np.ndarray, key: str, source: str) -> np.ndarray:
+    """float32 copy of an array; bfloat16 (which numpy sees as 2-byte void) is widened bit-exactly."""
+    if array.dtype.name == "bfloat16" or (array.dtype.kind == "V" and array.dtype.itemsize == 2):
+        bits = np.ascontiguousarray(array).view(np.uint16).astype(np.uint32) << 16
+        return bits.view(np.float32)
+    if array.dtype.kind != "f":
+        raise VitlabError(f"{source}: array {key!r} has dtype {array.dtype}, expected floating point")
+    return array.astype(np.float32)
+
+
+def find_prefix(arrays: dict[str, Any], source: str) -> str:
+    """The key prefix (`''`, `opt/target/`, `params/`, `params/img/`) under which the ViT parameters sit."""
+    for prefix in PREFIXES:
+        if f"{prefix}embedding/kernel" in arrays:
+            return prefix
+    raise VitlabError(f"{source}: not a ViT checkpoint: no 'embedding/kernel' under any of the prefixes "
+                      f"{', '.join(repr(p) for p in PREFIXES)}; keys: {describe_keys(sorted(arrays))}")
+
+
+class _Reader:
+    """Takes arrays by name under the checkpoint's prefix, as float32, remembering which ones were used."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], prefix: str, source: str) -> None:
+        self.arrays = arrays
+        self.prefix = prefix
+        self.source = source
+        self.used: set[str] = set()
+        self._decoded: dict[str, np.ndarray] = {}
+
+    def has(self, name: str) -> bool:
+        return self.prefix + name in self.arrays
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.arrays[self.prefix + name].shape)
+
+    def take(self, name: str, index: int | None = None) -> np.ndarray:
+        key = self.prefix + name
+        if key not in self.arrays:
+            raise VitlabError(f"{self.source}: missing array {key!r}")
+        if key not in self._decoded:
+            self._decoded[key] = to_float32(self.arrays[key], key, self.source)
+        self.used.add(key)
+        array = self._decoded[key]
+        return array if index is None else array[index]
+
+    def names(self) -> list[str]:
+        return [key[len(self.prefix):] for key in self.arrays if key.startswith(self.prefix)]
+
+    def unused(self) -> list[str]:
+        return sorted(key for key in self.arrays if key.startswith(self.prefix) and key not in self.used)
+
+
+def _is_square(count: int) -> bool:
+    return count >= 0 and math.isqrt(count) ** 2 == count
+
+
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def to_state_dict(arrays: dict[str, np.ndarray], source: str
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, Any], tuple[int, int] | None]:
+    """Convert a checkpoint's arrays to a vitlab state dict.
+
+    Returns the state dict, the ViTConfig fields the arrays determine, and the square patch grid the position
+    embedding was trained at (None when it has none, or its grid is not square).
+    """
+    reader = _Reader(arrays, find_prefix(arrays, source), source)
+    for marker, reason in (("conv_root/kernel", "hybrid (ResNet stem) ViT checkpoints are not supported"),
+                           ("MAPHead_0/probe", "attention-pooling (MAP) heads are not supported")):
+        if reader.has(marker):
+            raise VitlabError(f"{source}: {reason} (found {reader.prefix + marker!r})")
+
+    kernel = reader.take("embedding/kernel")
+    if kernel.ndim != 4 or kernel.shape[0] != kernel.shape[1]:
+        raise VitlabError(f"{source}: 'embedding/kernel' has shape {kernel.shape}; expected a square "
+                          "(P, P, C, D) convolution kernel")
+    patch, _, in_chans, dim = kernel.shape
+    state: dict[str, torch.Tensor] = {
+        "patch_embed.proj.weight": _tensor(kernel.transpose(3, 2, 0, 1)),
+        "patch_embed.proj.bias": _tensor(reader.take("embedding/bias").reshape(dim)),
+    }
+    class_token = reader.has("cls")
+    if class_token:
+        state["cls_token"] = _tensor(reader.take("cls").reshape(1, 1, dim))
+
+    grid = None
+    posemb_key = next((key for key in ("Transformer/posembed_input/pos_embedding", "pos_embedding")
+                       if reader.has(key)), None)
+    if posemb_key is not None:
+        posemb = reader.take(posemb_key).reshape(1, -1, dim)
+        rows = posemb.shape[1]
+        # VT stores a class-token row; big_vision adds the embedding before prepending the class token, so its
+        # table has none (old files that do have one are recognisable by a square-plus-one row count).
+        has_cls_row = class_token and (posemb_key.startswith("Transformer/")
+                                       or (_is_square(rows - 1) and not _is_square(rows)))
+        if class_token and not has_cls_row:
+            posemb = np.concatenate([np.zeros((1, 1, dim), np.float32), posemb], axis=1)
+        state["pos_embed"] = _tensor(posemb)
+        grid_rows = posemb.shape[1] - int(class_token)
+        if _is_square(grid_rows):
+            grid = (math.isqrt(grid_rows),) * 2
+
+    scanned = reader.has("Transformer/encoderblock/LayerNorm_0/scale")
+    if scanned:
+        depth = reader.shape("Transformer/encoderblock/LayerNorm_0/scale")[0]
+        submodules = _BV_SUBMODULES
+    else:
+        indices = {int(match.group(1)) for name in reader.names()
+                   if (match := re.match(r"Transformer/encoderblock_(\d+)/", name))}
+        depth = len(indices)
+        if indices != set(range(depth)):
+            raise VitlabError(f"{source}: encoder blocks are not numbered 0..{depth - 1}: {sorted(indices)}")
+        vt_names = reader.has("Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel")
+        submodules = _VT_SUBMODULES if vt_names else _BV_SUBMODULES
+    mha, mlp, ln2 = submodules
+    num_heads = head_dim = 0
+    qkv_bias = True
+    for i in range(depth):
+        block, index = (("Transformer/encoderblock/", i) if scanned else (f"Transformer/encoderblock_{i}/", None))
+        attn = f"{block}MultiHeadDotProductAttention_{mha}/"
+        out = f"blocks.{i}."
+        query = reader.take(f"{attn}query/kernel", index)
+        if query.ndim != 3:
+            raise VitlabError(f"{source}: {reader.prefix}{attn}query/kernel has shape {query.shape}; "
+                              "expected (D, heads, head_dim)")
+        num_heads, head_dim = query.shape[1], query.shape[2]
+        state[out + "norm1.weight"] = _tensor(reader.take(f"{block}LayerNorm_0/scale", index).reshape(dim))
+        state[out + "norm1.bias"] = _tensor(reader.take(f"{block}LayerNorm_0/bias", index).reshape(dim))
+        state[out + "attn.qkv.weight"] = _tensor(np.concatenate(
+            [reader.take(f"{attn}{name}/kernel", index).reshape(dim, -1).T for name in ("query", "key", "value")]))
+        qkv_bias = reader.has(f"{attn}query/bias")
+        if qkv_bias:
+            state[out + "attn.qkv.bias"] = _tensor(np.concatenate(
+                [reader.take(f"{attn}{name}/bias", index).reshape(-1) for name in ("query", "key", "value")]))
+        state[out + "attn.proj.weight"] = _tensor(reader.take(f"{attn}out/kernel", index).reshape(-1, dim).T)
+        state[out + "attn.proj.bias"] = _tensor(reader.take(f"{attn}out/bias", index).reshape(dim))
+        state[out + "norm2.weight"] = _tensor(reader.take(f"{block}LayerNorm_{ln2}/scale", index).reshape(dim))
+        state[out + "norm2.bias"] = _tensor(reader.take(f"{block}LayerNorm_{ln2}/bias", index).reshape(dim))
+        for j in range(2):
+            dense = f"{block}MlpBlock_{mlp}/Dense_{j}/"
+            state[out + f"mlp.fc{j + 1}.weight"] = _tensor(reader.take(dense + "kernel", index).T)
+            state[out + f"mlp.fc{j + 1}.bias"] = _tensor(reader.take(dense + "bias", index).reshape(-1))
+    state["norm.weight"] = _tensor(reader.take("Transformer/encoder_norm/scale").reshape(dim))
+    state["norm.bias"] = _tensor(reader.take("Transformer/encoder_norm/bias").reshape(dim))
+
+    representation_size = None
+    if reader.has("pre_logits/kernel"):
+        pre_kernel = reader.take("pre_logits/kernel")
+        representation_size = pre_kernel.shape[1]
+        state["pre_logits.fc.weight"] = _tensor(pre_kernel.T)
+        state["pre_logits.fc.bias"] = _tensor(reader.take("pre_logits/bias").reshape(-1))
+    num_classes = 0
+    if reader.has("head/kernel"):
+        head_kernel = reader.take("head/kernel")
+        num_classes = head_kernel.shape[1]
+        state["head.weight"] = _tensor(head_kernel.T)
+        state["head.bias"] = _tensor(reader.take("head/bias").reshape(-1))
+
+    unused = reader.unused()
+    if unused:
+        raise VitlabError(f"{source}: {len(unused)} array(s) that no vitlab ViT parameter takes: "
+                          f"{describe_keys(unused, {key: arrays[key].shape for key in unused})}")
+    if depth == 0:
+        raise VitlabError(f"{source}: no encoder blocks found under {reader.prefix!r}Transformer/")
+    fields: dict[str, Any] = {
+        "patch_size": patch, "in_chans": in_chans, "embed_dim": dim, "depth": depth, "num_heads": num_heads,
+        "mlp_dim": state["blocks.0.mlp.fc1.weight"].shape[0], "qkv_bias": qkv_bias,
+        "pool": "token" if class_token else "gap", "posemb": "learned" if posemb_key else "sincos2d",
+        "representation_size": representation_size, "num_classes": num_classes,
+    }
+    if grid is not None:
+        fields["img_size"] = (grid[0] * patch, grid[1] * patch)
+    if num_heads * head_dim != dim:
+        raise VitlabError(f"{source}: attention has {num_heads} heads of size {head_dim}, which does not "
+                          f"match the embedding width {dim}")
+    return state, fields, grid
+
+
+def from_state_dict(state: dict[str, torch.Tensor], config: ViTConfig) -> dict[str, np.ndarray]:
+    """A vitlab state dict as VT/AugReg-layout arrays (float32, pre-linen names)."""
+    def array(key: str) -> np.ndarray:
+        return state[key].detach().to("cpu", torch.float32).numpy()
+
+    dim, heads = config.embed_dim, config.num_heads
+    head_dim = dim // heads
+    mha, mlp, ln2 = _VT_SUBMODULES
+    out: dict[str, np.ndarray] = {
+        "embedding/kernel": array("patch_embed.proj.weight").transpose(2, 3, 1, 0),
+        "embedding/bias": array("patch_embed.proj.bias"),
+        "Transformer/encoder_norm/scale": array("norm.weight"),
+        "Transformer/encoder_norm/bias": array("norm.bias"),
+    }
+    if "cls_token" in state:
+        out["cls"] = array("cls_token")
+    if "pos_embed" in state:
+        out["Transformer/posembed_input/pos_embedding"] = array("pos_embed")
+    for i in range(config.depth):
+        block, src = f"Transformer/encoderblock_{i}/", f"blocks.{i}."
+        attn = f"{block}MultiHeadDotProductAttention_{mha}/"
+        out[f"{block}LayerNorm_0/scale"] = array(src + "norm1.weight")
+        out[f"{block}LayerNorm_0/bias"] = array(src + "norm1.bias")
+        for name, weight in zip(("query", "key", "value"), np.split(array(src + "attn.qkv.weight"), 3)):
+            out[f"{attn}{name}/kernel"] = weight.T.reshape(dim, heads, head_dim)
+        if src + "attn.qkv.bias" in state:
+            for name, bias in zip(("query", "key", "value"), np.split(array(src + "attn.qkv.bias"), 3)):
+                out[f"{attn}{name}/bias"] = bias.reshape(heads, head_dim)
+        out[f"{attn}out/kernel"] = array(src + "attn.proj.weight").T.reshape(heads, head_dim, dim)
+        out[f"{attn}out/bias"] = array(src + "attn.proj.bias")
+        out[f"{block}LayerNorm_{ln2}/scale"] = array(src + "norm2.weight")
+        out[f"{block}LayerNorm_{ln2}/bias"] = array(src + "norm2.bias")
+        for j in range(2):
+            out[f"{block}MlpBlock_{mlp}/Dense_{j}/kernel"] = array(src + f"mlp.fc{j + 1}.weight").T
+            out[f"{block}MlpBlock_{mlp}/Dense_{j}/bias"] = array(src + f"mlp.fc{j + 1}.bias")
+    if "pre_logits.fc.weight" in state:
+        out["pre_logits/kernel"] = array("pre_logits.fc.weight").T
+        out["pre_logits/bias"] = array("pre_logits.fc.bias")
+    if "head.weight" in state:
+        out["head/kernel"] = array("head.weight").T
+        out["head/bias"] = array("head.bias")
+    return {key: np.ascontiguousarray(value) for key, value in out.items()}
+
+
+def write_npz(path: str | os.PathLike[str], arrays: dict[str, np.ndarray]) -> None:
+    """Write arrays as an uncompressed `.npz` (what `np.load` and the official loader expect), atomically."""
+    with atomic_writer(path) as handle:
+        np.savez(handle, **arrays)

@@ -1,0 +1,76 @@
+"""timm `VisionTransformer` state dicts ⇄ vitlab.
+
+vitlab uses timm's module names, so the map is the identity for the plain ViT. What needs care is what timm
+can express and vitlab cannot (and back): those are refused with the reason rather than silently dropped.
+"""
+
+from __future__ import annotations
+
+import math
+import torch
+
+from vitlab.errors import VitlabError
+from vitlab.models.vit import ViTConfig
+
+# Key fragments of timm ViT variants whose computation vitlab's ViT does not have.
+_UNSUPPORTED = (
+    ("fc_norm.", "a LayerNorm after pooling (timm's fc_norm, the default for global_pool='avg'); vitlab's gap "
+                 "pools the already-normalised tokens, so build the timm model with fc_norm=False"),
+    ("norm_pre.", "a LayerNorm before the blocks (timm's pre_norm, CLIP-style)"),
+    ("reg_token", "register tokens"),
+    ("dist_token", "a distillation token (DeiT distilled)"),
+    ("head_dist.", "a distillation head (DeiT distilled)"),
+    (".ls1.", "layer scale"),
+    (".ls2.", "layer scale"),
+    ("attn_pool.", "an attention-pooling (MAP) head"),
+    (".q_norm.", "query/key normalisation"),
+    (".k_norm.", "query/key normalisation"),
+    (".norm.weight", "a norm inside attention or MLP (scale_attn_norm / scale_mlp_norm)"),
+    ("patch_embed.backbone.", "a hybrid (CNN) patch embedding"),
+    ("patch_embed.norm.", "a norm after the patch embedding"),
+)
+
+
+def looks_like_timm(keys: set[str]) -> bool:
+    return "patch_embed.proj.weight" in keys and any(key.startswith("blocks.") for key in keys)
+
+
+def strip_wrapper_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the `module.` / `_orig_mod.` prefixes that DDP and torch.compile add to every key."""
+    for prefix in ("module.", "_orig_mod."):
+        if state and all(key.startswith(prefix) for key in state):
+            state = {key[len(prefix):]: value for key, value in state.items()}
+    return state
+
+
+def to_state_dict(state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """A timm ViT state dict in vitlab's layout; refuses the timm variants vitlab's ViT cannot compute."""
+    state = strip_wrapper_prefix(dict(state))
+    for fragment, feature in _UNSUPPORTED:
+        found = sorted(key for key in state if fragment in key)
+        if found:
+            raise VitlabError(f"{source}: key {found[0]!r} belongs to {feature}, which vitlab's ViT does not "
+                              "implement")
+    weight = state.get("patch_embed.proj.weight")
+    if weight is None or weight.ndim != 4:
+        raise VitlabError(f"{source}: no 4-d 'patch_embed.proj.weight'; not a timm ViT state dict")
+    if weight.shape[2] != weight.shape[3]:
+        raise VitlabError(f"{source}: non-square patches {weight.shape[2]}x{weight.shape[3]} are not supported")
+    posemb = state.get("pos_embed")
+    if "cls_token" in state and posemb is not None:
+        rows = posemb.shape[1]
+        # timm's no_embed_class models add the table to the patches only; a zero class-token row is the same.
+        if math.isqrt(rows) ** 2 == rows and math.isqrt(rows - 1) ** 2 != rows - 1:
+            state["pos_embed"] = torch.cat([posemb.new_zeros(1, 1, posemb.shape[2]), posemb], dim=1)
+    return state
+
+
+def from_state_dict(state: dict[str, torch.Tensor], config: ViTConfig) -> dict[str, torch.Tensor]:
+    """A vitlab state dict as timm keys; refuses what timm's VisionTransformer has no place for."""
+    if config.representation_size:
+        raise VitlabError("timm's VisionTransformer has no pre-logits layer; this model has "
+                          f"representation_size={config.representation_size}, which timm cannot hold")
+    if config.posemb == "sincos2d":
+        raise VitlabError("timm's VisionTransformer learns its position embedding; this model uses fixed "
+                          "sincos2d embeddings, which a timm state dict cannot express")
+    return dict(state)
