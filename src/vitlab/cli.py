@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "evaluate": "vitlab.commands.evaluate",
     "demo": "vitlab.commands.demo",
     "analyze": "vitlab.commands.analyze",
+    "data": "vitlab.commands.data",
 }
 
 
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for commands that re-launch themselves (torchrun)
     try:
         return int(args.run(args) or 0)
     except VitlabError as error:

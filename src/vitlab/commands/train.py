@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,8 @@ FINETUNE_DEFAULTS: dict[str, Any] = {"optimizer": "sgd", "lr": 0.01, "momentum":
 def add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recipe", help="a named recipe from vitlab.train.config.RECIPES")
     parser.add_argument("--model", help="registry name, e.g. vit-ti16")
-    parser.add_argument("--dataset", help="fashion-mnist, digits, cifar10, cifar100 or an image-folder path")
+    parser.add_argument("--dataset", help="fashion-mnist, digits, cifar10, cifar100, an image-folder path, or "
+                                          "WebDataset shards (a directory of *.tar, or a brace pattern)")
     parser.add_argument("--subset", type=int, help="train on a balanced, seeded subset of N images")
     parser.add_argument("--epochs", type=float)
     parser.add_argument("--batch-size", type=int)
@@ -31,6 +34,11 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="run directory (checkpoints, metrics.jsonl, curves.png)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last.* if present")
     parser.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    parser.add_argument("--nproc", type=int, metavar="N",
+                        help="run on N processes of this machine: re-launches itself through torchrun "
+                             "(--standalone --nproc_per_node N); --batch-size stays the global batch")
+    parser.add_argument("--fsdp", action="store_true", default=None,
+                        help="shard the model, gradients and optimizer state across processes (FSDP2)")
     parser.add_argument("--set", dest="settings", action="append", default=[], metavar="FIELD=VALUE",
                         help="override any TrainConfig field, e.g. --set ema_decay=0.999 (repeatable)")
 
@@ -59,7 +67,7 @@ def parse_settings(settings: list[str]) -> dict[str, Any]:
 def config_from_args(args: argparse.Namespace, base: TrainConfig) -> TrainConfig:
     flags = {"model": args.model, "dataset": args.dataset, "subset": args.subset, "epochs": args.epochs,
              "batch_size": args.batch_size, "lr": args.lr, "img_size": args.img_size, "seed": args.seed,
-             "deterministic": args.deterministic, "out": args.out, "progress": args.progress}
+             "deterministic": args.deterministic, "out": args.out, "progress": args.progress, "fsdp": args.fsdp}
     values = {key: value for key, value in flags.items() if value is not None}
     if args.model is not None and args.model != base.model:
         values["model_overrides"] = {}  # a recipe's overrides belong to the recipe's model
@@ -67,7 +75,37 @@ def config_from_args(args: argparse.Namespace, base: TrainConfig) -> TrainConfig
     return override(config, parse_settings(args.settings))
 
 
+def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
+    """`python -m torch.distributed.run --standalone --nproc_per_node N -m vitlab ARGV` with `--nproc` removed."""
+    rest, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == "--nproc":
+            skip = True
+        elif not item.startswith("--nproc="):
+            rest.append(item)
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
+            "vitlab", *rest]
+
+
+def _relaunch(args: argparse.Namespace) -> int | None:
+    """With --nproc N, run the same command on N local processes through torchrun and return its exit code."""
+    if args.nproc is None:
+        return None
+    from vitlab.train import distributed
+
+    if args.nproc < 1:
+        raise VitlabError(f"--nproc must be at least 1, got {args.nproc}")
+    if distributed.launched():
+        raise VitlabError("--nproc is for a plain `vitlab train`; under torchrun, leave it out")
+    return subprocess.call(torchrun_command(args.nproc, getattr(args, "argv", sys.argv[1:])))
+
+
 def run_train(args: argparse.Namespace) -> int:
+    relaunched = _relaunch(args)
+    if relaunched is not None:
+        return relaunched
     base = recipe_config(args.recipe or "fmnist-vit")
     return _fit(config_from_args(args, base), args.resume)
 
@@ -85,6 +123,9 @@ def checkpoint_train_config(path: Path) -> TrainConfig | None:
 
 
 def run_finetune(args: argparse.Namespace) -> int:
+    relaunched = _relaunch(args)
+    if relaunched is not None:
+        return relaunched
     source = Path(args.init_from)
     if not source.exists():
         raise VitlabError(f"--from {source}: no such file or directory")
@@ -97,9 +138,15 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 
 def _fit(config: TrainConfig, resume: bool) -> int:
+    from vitlab.train import distributed
     from vitlab.train.loop import Trainer
 
-    result = Trainer(config, resume=resume).fit()
-    print(json.dumps({key: result[key] for key in ("step", "test_top1", "test_top5", "best_top1", "out")
-                      if key in result}))
+    trainer = Trainer(config, resume=resume)
+    try:
+        result = trainer.fit()
+    finally:
+        distributed.cleanup()
+    if trainer.dist.is_main:
+        print(json.dumps({key: result[key] for key in ("step", "test_top1", "test_top5", "best_top1", "out")
+                          if key in result}))
     return 0

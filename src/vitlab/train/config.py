@@ -53,6 +53,7 @@ class TrainConfig:
     device: str = "auto"
     amp: str = "auto"
     compile: bool = False
+    fsdp: bool = False  # shard parameters, gradients and optimizer state across processes (FSDP2)
     threads: int | None = None
     eval_every_epochs: float = 1.0
     checkpoint_every_steps: int = 500

@@ -17,17 +17,19 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from vitlab.data import AugmentConfig, EvalTransform, ImageTensors, TrainTransform, load_dataset, match_channels
+from vitlab.data.shards import ShardSet, is_shard_dataset, load_shard_split, stream_batches
 from vitlab.errors import TrainingDiverged, VitlabError
 from vitlab.eval.metrics import evaluate
 from vitlab.models.registry import config_to_dict, create_model, model_config
 from vitlab.train import checkpoint as ckpt
+from vitlab.train import distributed
 from vitlab.train.config import TrainConfig, config_from_json, config_to_json
 from vitlab.train.optim import build_optimizer, build_scheduler
 
 
 @dataclass
 class Data:
-    train: ImageTensors
+    train: ImageTensors | ShardSet  # a ShardSet streams WebDataset shards instead of holding the images
     test: ImageTensors
 
 
@@ -45,6 +47,10 @@ def select_device(name: str) -> torch.device:
 
 
 def load_data(config: TrainConfig, img_size: int) -> Data:
+    if is_shard_dataset(config.dataset):
+        if config.subset is not None:
+            raise VitlabError("--subset is not supported for WebDataset shards; shard a subset instead")
+        return Data(ShardSet.open(config.dataset, "train"), load_shard_split(config.dataset, "test", img_size))
     train = load_dataset(config.dataset, "train", config.subset, config.seed, img_size, config.skip_bad_images)
     test = load_dataset(config.dataset, "test", None, config.seed, img_size, config.skip_bad_images)
     if train.num_classes < 2:
@@ -60,6 +66,7 @@ class Trainer:
         self.out = Path(config.out)
         self.resume = resume
         self.device = select_device(config.device)
+        self.dist = distributed.Distributed(device=self.device)  # replaced by fit() under torchrun
         self.autocast = (config.amp == "bf16") or (config.amp == "auto" and self.device.type == "cuda")
 
     # ---------------------------------------------------------------- set-up
@@ -101,15 +108,24 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         config = self.config
         ckpt.check_writable(self.out)
+        self.dist = dist = distributed.setup(self.device, config.fsdp)
+        self.device = dist.device
         self._seed()
         probe_size = config.img_size or model_config(config.model).img_size[0]
         data = load_data(config, probe_size)
-        model = self._build_model(data.train.num_classes, data.train.images.shape[1]).to(self.device)
+        data_chans = data.train.channels if isinstance(data.train, ShardSet) else data.train.images.shape[1]
+        model = self._build_model(data.train.num_classes, data_chans).to(self.device)
         size = tuple(model.config.img_size)
         in_chans = model.config.in_chans
         if data.train.num_classes != model.config.num_classes:
             raise VitlabError(f"model has {model.config.num_classes} classes, {config.dataset} has "
                               f"{data.train.num_classes}")
+        if config.batch_size % (dist.world_size * config.accum_steps):
+            raise VitlabError(f"batch_size {config.batch_size} (global) is not divisible by {dist.world_size} "
+                              f"process(es) × accum_steps {config.accum_steps}")
+        if config.fsdp and config.ema_decay:
+            raise VitlabError("ema_decay is not supported with --fsdp")
+        wrapped = distributed.wrap_model(model, dist, config.fsdp)  # DDP / FSDP2 under torchrun; else the model
 
         steps_per_epoch = len(data.train) // config.batch_size
         if steps_per_epoch == 0:
@@ -122,7 +138,7 @@ class Trainer:
         scheduler = build_scheduler(optimizer, config, total_steps, warmup)
         ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
                if config.ema_decay else None)
-        runner = torch.compile(model) if config.compile else model
+        runner = torch.compile(wrapped) if config.compile else wrapped
 
         augment = AugmentConfig(config.crop_padding, config.hflip, config.randaugment_ops,
                                 config.randaugment_magnitude, mixup_alpha=config.mixup_alpha,
@@ -137,7 +153,11 @@ class Trainer:
             if restored is not None:
                 start_step, best_top1, elapsed_before = restored
         metrics_path = self.out / "metrics.jsonl"
-        _truncate_metrics(metrics_path, start_step)
+        if dist.is_main:
+            _truncate_metrics(metrics_path, start_step)
+        stream = (stream_batches(data.train, config.batch_size // dist.world_size, dist.rank, dist.world_size,
+                                 config.seed, start_step, size, dist.local_world_size)
+                  if isinstance(data.train, ShardSet) else None)
 
         state_base = {"train_config": config_to_json(config), "model_config": config_to_dict(model.config),
                       "classes": list(data.train.classes), "total_steps": total_steps,
@@ -148,29 +168,38 @@ class Trainer:
         last_record: dict[str, Any] = {}
         window_loss, window_count, window_images, window_time = 0.0, 0, 0, 0.0
         started = time.perf_counter() - elapsed_before
-        bar = tqdm(total=total_steps, initial=start_step, disable=not config.progress, unit="step",
-                   dynamic_ncols=True)
-        micro = config.batch_size // config.accum_steps
+        bar = tqdm(total=total_steps, initial=start_step, disable=not (config.progress and dist.is_main),
+                   unit="step", dynamic_ncols=True)
+        micro = config.batch_size // (config.accum_steps * dist.world_size)
         for step in range(start_step, total_steps):
             tick = time.perf_counter()
-            epoch, position = divmod(step, steps_per_epoch)
-            if epoch != order_epoch:
-                order = torch.randperm(len(data.train),
-                                       generator=torch.Generator().manual_seed(generator_seed + epoch))
-                order_epoch = epoch
-            indices = order[position * config.batch_size:(position + 1) * config.batch_size]
-            images = match_channels(data.train.images[indices], in_chans)
-            inputs, targets = train_transform(images, data.train.labels[indices])
+            if dist.world_size > 1:  # each rank's own, reproducible augmentation and dropout randomness
+                torch.manual_seed(distributed.step_seed(config.seed, step, dist.rank))
+            if stream is not None:
+                images, labels = next(stream)
+            else:
+                epoch, position = divmod(step, steps_per_epoch)
+                if epoch != order_epoch:
+                    order = torch.randperm(len(data.train),
+                                           generator=torch.Generator().manual_seed(generator_seed + epoch))
+                    order_epoch = epoch
+                # Every rank draws the same global batch and takes its strided share (DistributedSampler-like).
+                indices = order[position * config.batch_size:(position + 1) * config.batch_size]
+                indices = indices[dist.rank::dist.world_size]
+                images, labels = data.train.images[indices], data.train.labels[indices]
+            inputs, targets = train_transform(match_channels(images, in_chans), labels)
             model.train()
             optimizer.zero_grad(set_to_none=True)
             step_loss = 0.0
             for chunk in range(config.accum_steps):
                 part = slice(chunk * micro, (chunk + 1) * micro)
                 x, y = inputs[part].to(self.device, non_blocking=True), targets[part].to(self.device)
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                    loss = F.cross_entropy(runner(x), y, label_smoothing=config.label_smoothing)
-                (loss / config.accum_steps).backward()
+                with distributed.gradient_sync(wrapped, sync=chunk == config.accum_steps - 1):
+                    with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                        loss = F.cross_entropy(runner(x), y, label_smoothing=config.label_smoothing)
+                    (loss / config.accum_steps).backward()
                 step_loss += loss.item() / config.accum_steps
+            step_loss = dist.mean(step_loss)  # every rank sees the same loss, so all stop together on NaN
             if not math.isfinite(step_loss):
                 bar.close()
                 raise TrainingDiverged(f"loss became {step_loss} at step {step + 1}; stopped, the last good "
@@ -184,7 +213,7 @@ class Trainer:
                 ema.update_parameters(model)
             window_loss += step_loss
             window_count += 1
-            window_images += len(indices)
+            window_images += config.batch_size
             window_time += time.perf_counter() - tick
             done = step + 1
             img_per_s = window_images / max(window_time, 1e-9)
@@ -194,16 +223,21 @@ class Trainer:
             is_eval = done % eval_every == 0 or done == total_steps
             if is_eval:
                 eval_model = ema.module if ema is not None else model
-                result = evaluate(eval_model, test_images, data.test.labels, eval_transform, self.device,
-                                  config.eval_batch_size, self.autocast)
+                if dist.group:  # each rank evaluates its share of the test set; the sums are all-reduced
+                    result = distributed.evaluate(eval_model, test_images, data.test.labels, eval_transform, dist,
+                                                  config.eval_batch_size, self.autocast)
+                else:
+                    result = evaluate(eval_model, test_images, data.test.labels, eval_transform, self.device,
+                                      config.eval_batch_size, self.autocast)
                 last_record = {"step": done, "epoch": round(done / steps_per_epoch, 4),
                                "train_loss": window_loss / window_count, "lr": lr, "test_loss": result.loss,
                                "test_top1": result.top1, "test_top5": result.top5, "img_per_s": img_per_s,
                                "elapsed_s": time.perf_counter() - started}
-                _append_metrics(metrics_path, last_record)
-                bar.write(f"step {done}/{total_steps} epoch {last_record['epoch']:.2f}  train_loss "
-                          f"{last_record['train_loss']:.4f}  test_top1 {result.top1:.2%}  top5 {result.top5:.2%}"
-                          f"  {img_per_s:.0f} img/s")
+                if dist.is_main:
+                    _append_metrics(metrics_path, last_record)
+                    bar.write(f"step {done}/{total_steps} epoch {last_record['epoch']:.2f}  train_loss "
+                              f"{last_record['train_loss']:.4f}  test_top1 {result.top1:.2%}  "
+                              f"top5 {result.top5:.2%}  {img_per_s:.0f} img/s")
                 window_loss, window_count, window_images, window_time = 0.0, 0, 0, 0.0
                 if result.top1 > best_top1:
                     best_top1 = result.top1
@@ -211,7 +245,7 @@ class Trainer:
             if is_eval or done % config.checkpoint_every_steps == 0:
                 self._save("last", model, optimizer, scheduler, ema, done, best_top1, started, state_base)
         bar.close()
-        if last_record:
+        if last_record and dist.is_main:
             from vitlab.train.curves import plot_curves
 
             plot_curves(metrics_path, self.out / "curves.png")
@@ -221,12 +255,16 @@ class Trainer:
     def _save(self, name: str, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
               ema: AveragedModel | None, step: int, best_top1: float, started: float,
               state_base: dict[str, Any]) -> None:
+        # Called on every rank: with FSDP, gathering the full state is collective; then only rank 0 writes.
+        fsdp = self.config.fsdp
         eval_model = ema.module if ema is not None else model
-        tensors = {f"model/{key}": value for key, value in eval_model.state_dict().items()}
+        tensors = {f"model/{key}": value for key, value in distributed.model_state(eval_model, fsdp).items()}
         if ema is not None:
             tensors.update({f"train/{key}": value for key, value in model.state_dict().items()})
             tensors["ema/n_averaged"] = ema.n_averaged
-        optim_tensors, groups = ckpt.optimizer_to_tensors(optimizer)
+        optim_tensors, groups = ckpt.optimizer_to_tensors(distributed.optimizer_view(model, optimizer, fsdp))
+        if not self.dist.is_main:
+            return
         tensors.update(optim_tensors)
         tensors["rng/torch"] = torch.get_rng_state()
         if self.device.type == "cuda":
@@ -248,12 +286,13 @@ class Trainer:
             raise VitlabError(f"{self.out}/last.json was trained with model {saved.model}; cannot resume it as "
                               f"{self.config.model}")
         raw = "train/" if ema is not None and any(k.startswith("train/") for k in tensors) else "model/"
-        model.load_state_dict(_strip(tensors, raw))
+        distributed.load_model_state(model, _strip(tensors, raw), self.config.fsdp)
         if ema is not None:
             ema.module.load_state_dict(_strip(tensors, "model/"))
             if "ema/n_averaged" in tensors:
                 ema.n_averaged.copy_(tensors["ema/n_averaged"])
-        ckpt.optimizer_from_tensors(optimizer, tensors, state["optimizer_groups"])
+        ckpt.optimizer_from_tensors(distributed.optimizer_view(model, optimizer, self.config.fsdp), tensors,
+                                    state["optimizer_groups"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(tensors["rng/torch"])
         if "rng/cuda" in tensors and self.device.type == "cuda":
