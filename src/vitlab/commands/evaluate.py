@@ -100,7 +100,7 @@ def _plot_confusion(matrix: torch.Tensor, classes: tuple[str, ...], path: Path) 
     size = max(4.0, 0.45 * len(classes) + 2)
     figure, axis = plt.subplots(figsize=(size, size))
     normalised = matrix.float() / matrix.sum(1, keepdim=True).clamp(min=1)
-    axis.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
+    axis.imshow(normalised.numpy(), cmap="Blues", vmin=0, vmax=1)
     if len(classes) <= 30:
         for row in range(len(classes)):
             for col in range(len(classes)):

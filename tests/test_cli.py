@@ -1,0 +1,114 @@
+"""The command line as a contract: exit codes, one-line errors, and the train → eval → predict path."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vitlab.cli import main
+
+TINY = '{"embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_dim": 64, "patch_size": 4}'
+
+
+def train_args(out: Path, *extra: str) -> list[str]:
+    return ["train", "--dataset", "digits", "--img-size", "8", "--epochs", "1", "--batch-size", "64", "--out",
+            str(out), "--no-progress", "--set", f"model_overrides={TINY}", "--set", "threads=1", *extra]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    assert main(train_args(out)) == 0
+    return out
+
+
+def one_error_line(capsys: pytest.CaptureFixture[str], *needles: str) -> None:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    for needle in needles:
+        assert needle in err[0], err
+
+
+def test_train_writes_a_run_and_eval_reads_it(trained: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert {"last.safetensors", "last.json", "best.safetensors", "metrics.jsonl"} <= {p.name for p in
+                                                                                      trained.iterdir()}
+    capsys.readouterr()
+    assert main(["eval", str(trained), "--json"]) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["dataset"] == "digits" and 0.0 <= record["top1"] <= 1.0
+    assert Path(record["confusion_png"]).stat().st_size > 0
+
+
+def test_predict_any_image_mode(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rng = np.random.default_rng(0)
+    paths = []
+    for mode, shape in (("RGB", (40, 30, 3)), ("L", (8, 8)), ("RGBA", (9, 9, 4))):
+        path = tmp_path / f"{mode}.png"
+        Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8), mode=mode).save(path)
+        paths.append(str(path))
+    palette = Image.new("P", (12, 12))
+    palette.save(tmp_path / "p.png")
+    paths.append(str(tmp_path / "p.png"))
+    assert main(["predict", str(trained), *paths, "--json", "--top-k", "2"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert len(lines) == 4 and all(len(line["top"]) == 2 for line in lines)
+    assert lines[0]["top"][0]["class"] in [str(d) for d in range(10)]
+
+
+def test_unreadable_image_is_named(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    capsys.readouterr()
+    assert main(["predict", str(trained), str(bad)]) == 2
+    one_error_line(capsys, "broken.png")
+
+
+def test_missing_dataset_and_one_class_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(train_args(tmp_path / "o", "--dataset", str(tmp_path / "nowhere"))) == 2
+    one_error_line(capsys, "nowhere")
+    assert main(train_args(tmp_path / "o", "--dataset", "imagenet-42")) == 2
+    one_error_line(capsys, "unknown dataset")
+    folder = tmp_path / "one" / "cat"
+    folder.mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(folder / "a.png")
+    assert main(train_args(tmp_path / "o", "--dataset", str(tmp_path / "one"))) == 2
+    one_error_line(capsys, "two class")
+
+
+def test_checkpoint_of_the_wrong_model(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    capsys.readouterr()
+    # Resuming a run with another architecture is refused, naming the run.
+    other = train_args(trained, "--resume", "--set", 'model_overrides={"embed_dim": 16, "depth": 1, '
+                                                     '"num_heads": 2, "mlp_dim": 8, "patch_size": 4}')
+    assert main(other) == 2
+    one_error_line(capsys, "cannot resume")
+    # A 10-class model evaluated on a data set with another number of classes is refused.
+    folder = tmp_path / "three"
+    for name in ("a", "b", "c"):
+        (folder / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8), (30, 60, 90)).save(folder / name / "x.png")
+    assert main(["eval", str(trained), "--dataset", str(folder)]) == 2
+    one_error_line(capsys, "classes")
+
+
+def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as raised:
+        main(["train", "--epochs", "many"])
+    assert raised.value.code == 2
+    capsys.readouterr()
+    assert main(["train", "--set", "nonsense"]) == 2
+    one_error_line(capsys, "FIELD=VALUE")
+    assert main(["eval", "/does/not/exist"]) == 2
+    one_error_line(capsys, "/does/not/exist")
+
+
+def test_python_dash_m_is_the_same_entry_point() -> None:
+    result = subprocess.run([sys.executable, "-m", "vitlab", "models", "vit-ti"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and "5,717,416" in result.stdout
