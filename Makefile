@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data demo test bench clean
+.PHONY: setup data demo test clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,9 +25,6 @@ demo: setup data
 
 test: setup data
 	$(PY) -m pytest -q
-
-bench: setup data
-	$(PY) benchmarks/throughput.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
