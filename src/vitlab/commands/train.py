@@ -116,9 +116,11 @@ def checkpoint_train_config(path: Path) -> TrainConfig | None:
     if not record.exists():
         return None
     try:
-        data = json.loads(record.read_text())
-    except (OSError, json.JSONDecodeError) as error:
+        data = json.loads(record.read_bytes())
+    except (OSError, ValueError, RecursionError) as error:  # ValueError: not JSON, or not UTF-8
         raise VitlabError(f"{record}: unreadable run record: {error}") from None
+    if not isinstance(data, dict):
+        raise VitlabError(f"{record}: a run record must be a JSON object, got {type(data).__name__}")
     return config_from_json(data.get("train_config", {}), str(record)) if "train_config" in data else None
 
 

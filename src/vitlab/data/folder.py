@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,13 +15,22 @@ from vitlab.data.datasets import ImageTensors
 from vitlab.errors import VitlabError
 
 READ_ERRORS = (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError, SyntaxError)
+# Raster formats Pillow decodes itself. Anything else is refused unopened: Pillow picks a decoder by content, not
+# by extension, and its EPS/PS decoder runs Ghostscript (an interpreter, with a history of exploits) on the file,
+# so a PostScript file named cat.png would otherwise be handed to `gs`.
+FORMATS = ("PNG", "JPEG", "BMP", "DIB", "GIF", "TIFF", "WEBP", "PPM", "TGA", "ICO", "JPEG2000")
 
 
 def read_image(path: Path, mode: str, size: tuple[int, int]) -> np.ndarray:
-    """Decode any Pillow-readable image (EXIF rotation applied, any mode converted), resize the shorter side and
-    centre-crop to `size` (height, width); returns uint8 (C, H, W). Pillow's decompression-bomb limit stays on."""
+    """Decode an image in one of `FORMATS` (EXIF rotation applied, any mode converted), resize the shorter side and
+    centre-crop to `size` (height, width); returns uint8 (C, H, W). Pillow's decompression-bomb limit stays on:
+    an image of more than twice `Image.MAX_IMAGE_PIXELS` is refused (between once and twice, Pillow's warning is
+    not repeated on stderr: the image is decoded, then scaled down)."""
     try:
-        with Image.open(path) as image:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image_file = Image.open(path, formats=FORMATS)
+        with image_file as image:
             image = ImageOps.exif_transpose(image)
             if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grey: scale to 8 bits
                 image = Image.fromarray((np.asarray(image, dtype=np.float64) / max(np.asarray(image).max(), 1)

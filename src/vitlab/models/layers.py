@@ -121,6 +121,8 @@ def resample_position_embedding(posemb: torch.Tensor, new_grid: tuple[int, int],
 
     `old_grid` defaults to a square grid, which is what every published checkpoint uses.
     """
+    if posemb.ndim != 3 or posemb.shape[1] <= num_prefix_tokens:
+        raise VitlabError(f"position embedding of shape {tuple(posemb.shape)} has no grid rows to resample")
     prefix, flat = posemb[:, :num_prefix_tokens], posemb[:, num_prefix_tokens:]
     if old_grid is None:
         side = math.isqrt(flat.shape[1])

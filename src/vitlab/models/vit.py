@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +54,24 @@ class ViTConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "img_size", to_2tuple(self.img_size))
+        sizes = [("patch_size", self.patch_size), ("in_chans", self.in_chans), ("embed_dim", self.embed_dim),
+                 ("depth", self.depth), ("num_heads", self.num_heads), ("mlp_dim", self.mlp_dim),
+                 ("img_size", self.img_size[0]), ("img_size", self.img_size[1]),
+                 ("representation_size", self.representation_size or 1)]
+        for name, value in sizes:
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+                raise VitlabError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.num_classes, numbers.Integral) or isinstance(self.num_classes, bool) \
+                or self.num_classes < 0:
+            raise VitlabError(f"num_classes must be a non-negative integer, got {self.num_classes!r}")
+        if self.embed_dim % self.num_heads:
+            raise VitlabError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        for name in ("dropout", "attn_dropout", "drop_path"):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
+                raise VitlabError(f"{name} must be a probability in [0, 1], got {value!r}")
+        if not isinstance(self.layer_norm_eps, numbers.Real) or not 0.0 < self.layer_norm_eps < math.inf:
+            raise VitlabError(f"layer_norm_eps must be a positive number, got {self.layer_norm_eps!r}")
         if self.pool not in POOLS:
             raise VitlabError(f"pool must be one of {POOLS}, got {self.pool!r}")
         if self.posemb not in POSEMBS:

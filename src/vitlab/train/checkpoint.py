@@ -63,11 +63,13 @@ def check_writable(directory: Path) -> None:
 
 def save_checkpoint(directory: Path, name: str, tensors: dict[str, torch.Tensor], state: dict[str, Any],
                     metadata: dict[str, str] | None = None) -> None:
-    """Write NAME.safetensors and NAME.json; the previous pair becomes NAME.prev.*."""
+    """Write NAME.safetensors and NAME.json; the newest consistent pair on disk before becomes NAME.prev.*."""
     payload = save({key: value.detach().contiguous().cpu() for key, value in tensors.items()}, metadata=metadata)
-    state = {**state, "sha256": hashlib.sha256(payload).hexdigest(), "tensors": f"{name}.safetensors"}
+    digest = hashlib.sha256(payload).hexdigest()
+    state = {**state, "sha256": digest, "tensors": f"{name}.safetensors"}
     text = json.dumps(state, indent=1).encode()
     weights, record = directory / f"{name}.safetensors", directory / f"{name}.json"
+    _remove_stale_temporaries(directory, name)
     # Write both temporaries before touching the current pair, so a full disk leaves it intact.
     staged = []
     try:
@@ -80,11 +82,65 @@ def save_checkpoint(directory: Path, name: str, tensors: dict[str, torch.Tensor]
             temp.unlink(missing_ok=True)
         raise VitlabError(f"cannot save checkpoint {weights}: {error.strerror or error}; "
                           "the previous checkpoint is unchanged") from None
-    for temp, target in staged:
-        if target.exists():
-            os.replace(target, target.with_name(f"{name}.prev{target.suffix}"))
-        os.replace(temp, target)
+    # Keep the newest consistent pair as NAME.prev.*. Normally that is NAME.* itself, rotated whole; after a
+    # save that was interrupted it can be NAME.json with NAME.prev.safetensors (or NAME.prev.*), and rotating
+    # blindly would then pair a record with tensors it does not describe and drop the last good checkpoint.
+    # Each rename below leaves that pair (or the new one) loadable, so a kill at any moment loses nothing.
+    keep = _consistent(directory, name, cached=True)
+    kept_record, kept_tensors = (keep[0][1], keep[0][2]) if keep else (None, None)
+    (weights_temp, _), (record_temp, _) = staged
+    if kept_tensors == weights:
+        os.replace(weights, directory / f"{name}.prev.safetensors")
+    os.replace(weights_temp, weights)
+    _remember(weights, digest)
+    if kept_record == record:
+        os.replace(record, directory / f"{name}.prev.json")
+    os.replace(record_temp, record)
     _fsync_dir(directory)
+
+
+def _remove_stale_temporaries(directory: Path, name: str) -> None:
+    """Temporary files a killed save left behind (each as large as a checkpoint): one writer per run directory,
+    so any that exist now belong to no save in progress."""
+    for suffix in ("safetensors", "json"):
+        for stale in directory.glob(f"..{name}.{suffix}.staging.*.tmp"):
+            stale.unlink(missing_ok=True)
+
+
+# sha256 of tensor files this process wrote or hashed, by (device, inode, size, mtime): a rename keeps all four,
+# so the save that rotates a checkpoint need not read it back. Loading always hashes the files afresh.
+_DIGESTS: dict[tuple[int, int, int, int], str] = {}
+
+
+def _stat_key(path: Path) -> tuple[int, int, int, int] | None:
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+
+
+def _remember(path: Path, digest: str) -> None:
+    key = _stat_key(path)
+    if key is not None:
+        _DIGESTS[key] = digest
+
+
+def _digest(path: Path, cached: bool) -> str | None:
+    key = _stat_key(path)
+    if key is None:
+        return None
+    if cached and key in _DIGESTS:
+        return _DIGESTS[key]
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            while chunk := handle.read(1 << 24):
+                digest.update(chunk)
+    except OSError:
+        return None
+    _DIGESTS[key] = digest.hexdigest()
+    return _DIGESTS[key]
 
 
 def _candidates(directory: Path, name: str) -> list[tuple[Path, Path]]:
@@ -93,36 +149,48 @@ def _candidates(directory: Path, name: str) -> list[tuple[Path, Path]]:
     return [(record, tensors) for record in records for tensors in tensor_files]
 
 
+def _read_record(record: Path) -> dict[str, Any] | None:
+    """A checkpoint record as saved, or None when it is unreadable or not one (its step must be an integer)."""
+    try:
+        state = json.loads(record.read_text())
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    if not isinstance(state, dict) or not isinstance(state.get("sha256"), str):
+        return None
+    step = state.get("step", -1)
+    if not isinstance(step, int) or isinstance(step, bool):
+        return None
+    return state
+
+
+def _consistent(directory: Path, name: str, cached: bool) -> list[tuple[int, Path, Path, dict[str, Any]]]:
+    """Every (step, record, tensors, state) whose record's checksum matches its tensor file, newest first;
+    NAME.json with NAME.safetensors first among equal steps."""
+    found = []
+    for order, (record, tensors) in enumerate(_candidates(directory, name)):
+        if not record.is_file() or not tensors.is_file():
+            continue
+        state = _read_record(record)
+        if state is not None and state["sha256"] == _digest(tensors, cached):
+            found.append((state.get("step", -1), order, record, tensors, state))
+    found.sort(key=lambda item: (-item[0], item[1]))
+    return [(step, record, tensors, state) for step, _, record, tensors, state in found]
+
+
 def load_checkpoint(directory: Path, name: str = "last") -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
     """The newest consistent (tensors, state) pair under `directory`, or None when there is none at all.
 
     Any JSON is matched with any tensor file by checksum, so every moment of an interrupted save leaves one
     loadable pair: the new one or the previous one.
     """
-    hashes: dict[Path, str] = {}
-    seen_any = False
-    best: tuple[int, Path, Path, dict[str, Any]] | None = None
-    for record, tensors in _candidates(directory, name):
-        if not record.exists() or not tensors.exists():
-            continue
-        seen_any = True
-        try:
-            state = json.loads(record.read_text())
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-            continue
-        if tensors not in hashes:
-            hashes[tensors] = hashlib.sha256(tensors.read_bytes()).hexdigest()
-        if not isinstance(state, dict) or state.get("sha256") != hashes[tensors]:
-            continue
-        step = int(state.get("step", -1))
-        if best is None or step > best[0]:
-            best = (step, record, tensors, state)
-    if best is None:
+    seen_any = any(record.exists() and tensors.exists() for record, tensors in _candidates(directory, name))
+    pairs = _consistent(directory, name, cached=False)
+    if not pairs:
         if seen_any:
             raise VitlabError(f"{directory}: no intact '{name}' checkpoint (checksums do not match); "
                               "remove the files to start over")
         return None
-    _, record, tensors, state = best
+    _, record, tensors, state = pairs[0]
     if record.name != f"{name}.json" or tensors.name != f"{name}.safetensors":
         warnings.warn(f"{directory / (name + '.safetensors')} is torn or incomplete; using the previous good "
                       f"checkpoint {tensors.name} (step {state.get('step')})", stacklevel=2)

@@ -161,13 +161,35 @@ def config_to_json(config: TrainConfig) -> dict[str, Any]:
 
 
 def config_from_json(data: dict[str, Any], source: str) -> TrainConfig:
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(data) - fields)
+    if not isinstance(data, dict):
+        raise VitlabError(f"{source}: the training config must be a JSON object, got {type(data).__name__}")
+    fields = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(data) - set(fields))
     if unknown:
         raise VitlabError(f"{source}: unknown training config field(s) {', '.join(unknown)}")
+    wrong = [f"{name}={value!r} (expected {fields[name]})" for name, value in data.items()
+             if not _json_type_ok(value, str(fields[name]))]
+    if wrong:
+        raise VitlabError(f"{source}: training config field(s) of the wrong type: {'; '.join(wrong)}"[:600])
     if "betas" in data:
         data = {**data, "betas": tuple(data["betas"])}
     try:
         return TrainConfig(**data)
     except TypeError as error:
         raise VitlabError(f"{source}: invalid training config: {error}") from None
+
+
+def _json_type_ok(value: Any, annotation: str) -> bool:
+    """Whether a value read from JSON fits a TrainConfig annotation such as 'int | None' or 'tuple[float, float]'."""
+    def number(item: Any) -> bool:
+        return isinstance(item, (int, float)) and not isinstance(item, bool)
+
+    for option in (part.strip() for part in annotation.split("|")):
+        if ((option == "None" and value is None) or (option == "bool" and isinstance(value, bool))
+                or (option == "int" and isinstance(value, int) and not isinstance(value, bool))
+                or (option == "float" and number(value)) or (option == "str" and isinstance(value, str))
+                or (option.startswith("dict") and isinstance(value, dict))
+                or (option.startswith("tuple") and isinstance(value, list) and len(value) == option.count(",") + 1
+                    and all(number(item) for item in value))):
+            return True
+    return False

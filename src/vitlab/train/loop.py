@@ -147,11 +147,11 @@ class Trainer:
         eval_transform = EvalTransform(size)
         test_images = match_channels(data.test.images, in_chans)
 
-        start_step, best_top1, elapsed_before = 0, -1.0, 0.0
+        start_step, best_top1, elapsed_before, window = 0, -1.0, 0.0, (0.0, 0)
         if self.resume:
             restored = self._restore(model, optimizer, scheduler, ema)
             if restored is not None:
-                start_step, best_top1, elapsed_before = restored
+                start_step, best_top1, elapsed_before, window = restored
         metrics_path = self.out / "metrics.jsonl"
         if dist.is_main:
             _truncate_metrics(metrics_path, start_step)
@@ -166,7 +166,9 @@ class Trainer:
         order: torch.Tensor | None = None
         order_epoch = -1
         last_record: dict[str, Any] = {}
-        window_loss, window_count, window_images, window_time = 0.0, 0, 0, 0.0
+        # The train loss logged at each evaluation averages the steps since the previous one; a run resumed between
+        # two evaluations carries on the sum it had, so its metrics.jsonl equals an uninterrupted run's.
+        window_loss, window_count, window_images, window_time = window[0], window[1], 0, 0.0
         started = time.perf_counter() - elapsed_before
         bar = tqdm(total=total_steps, initial=start_step, disable=not (config.progress and dist.is_main),
                    unit="step", dynamic_ncols=True)
@@ -241,9 +243,11 @@ class Trainer:
                 window_loss, window_count, window_images, window_time = 0.0, 0, 0, 0.0
                 if result.top1 > best_top1:
                     best_top1 = result.top1
-                    self._save("best", model, optimizer, scheduler, ema, done, best_top1, started, state_base)
+                    self._save("best", model, optimizer, scheduler, ema, done, best_top1, started, state_base,
+                               (window_loss, window_count))
             if is_eval or done % config.checkpoint_every_steps == 0:
-                self._save("last", model, optimizer, scheduler, ema, done, best_top1, started, state_base)
+                self._save("last", model, optimizer, scheduler, ema, done, best_top1, started, state_base,
+                           (window_loss, window_count))
         bar.close()
         if last_record and dist.is_main:
             from vitlab.train.curves import plot_curves
@@ -254,7 +258,7 @@ class Trainer:
     # ---------------------------------------------------------------- checkpoints
     def _save(self, name: str, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
               ema: AveragedModel | None, step: int, best_top1: float, started: float,
-              state_base: dict[str, Any]) -> None:
+              state_base: dict[str, Any], window: tuple[float, int] = (0.0, 0)) -> None:
         # Called on every rank: with FSDP, gathering the full state is collective; then only rank 0 writes.
         fsdp = self.config.fsdp
         eval_model = ema.module if ema is not None else model
@@ -270,17 +274,40 @@ class Trainer:
         if self.device.type == "cuda":
             tensors["rng/cuda"] = torch.cuda.get_rng_state(self.device)
         state = {**state_base, "step": step, "best_top1": best_top1, "elapsed_s": time.perf_counter() - started,
-                 "optimizer_groups": groups, "scheduler": scheduler.state_dict()}
+                 "optimizer_groups": groups, "scheduler": scheduler.state_dict(),
+                 "train_window": {"loss_sum": window[0], "steps": window[1]}}
         metadata = {"vitlab_config": json.dumps(state_base["model_config"]), "format": "vitlab-train",
                     "classes": json.dumps(state_base["classes"])}
         ckpt.save_checkpoint(self.out, name, tensors, state, metadata)
 
     def _restore(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                 ema: AveragedModel | None) -> tuple[int, float, float] | None:
+                 ema: AveragedModel | None) -> tuple[int, float, float, tuple[float, int]] | None:
+        """Step, best top-1, elapsed seconds and train-loss window of OUT/last.*, loaded into the objects given.
+
+        A record that matches its checksum but not this run (hand-edited, or written to attack) is refused with
+        one line naming the run, never a traceback."""
+        try:
+            return self._restore_unchecked(model, optimizer, scheduler, ema)
+        except VitlabError:
+            raise
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError) as error:
+            detail = " ".join(f"{type(error).__name__}: {error}".split())
+            raise VitlabError(f"{self.out}: cannot resume from its 'last' checkpoint, which does not fit this run "
+                              f"({detail[:300]})") from None
+
+    def _restore_unchecked(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                           ema: AveragedModel | None) -> tuple[int, float, float, tuple[float, int]] | None:
         loaded = ckpt.load_checkpoint(self.out, "last")
         if loaded is None:
             return None
         tensors, state = loaded
+        types = {"optimizer_groups": list, "scheduler": dict, "best_top1": (int, float), "elapsed_s": (int, float),
+                 "train_window": (dict, type(None))}
+        wrong = [f"{key}={state[key]!r}"[:80] for key, kinds in types.items()
+                 if key in state and not isinstance(state[key], kinds)]
+        if wrong:
+            raise VitlabError(f"{self.out}: cannot resume from its 'last' checkpoint, whose record has field(s) of "
+                              f"the wrong type: {'; '.join(wrong)}")
         saved = config_from_json(state.get("train_config", {}), str(self.out / "last.json"))
         if saved.model != self.config.model or saved.model_overrides != self.config.model_overrides:
             raise VitlabError(f"{self.out}/last.json was trained with model {saved.model}; cannot resume it as "
@@ -297,7 +324,9 @@ class Trainer:
         torch.set_rng_state(tensors["rng/torch"])
         if "rng/cuda" in tensors and self.device.type == "cuda":
             torch.cuda.set_rng_state(tensors["rng/cuda"], self.device)
-        return int(state["step"]), float(state.get("best_top1", -1.0)), float(state.get("elapsed_s", 0.0))
+        window = state.get("train_window") or {}  # absent from checkpoints of earlier versions
+        return (int(state["step"]), float(state.get("best_top1", -1.0)), float(state.get("elapsed_s", 0.0)),
+                (float(window.get("loss_sum", 0.0)), int(window.get("steps", 0))))
 
 
 def _strip(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -317,10 +346,13 @@ def _resampled_state(source: nn.Module, target: nn.Module) -> dict[str, torch.Te
 
 
 def _append_metrics(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a") as handle:
-        handle.write(json.dumps(record) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+    try:
+        with open(path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as error:  # a full disk: stop with one line; the last checkpoint is intact
+        raise VitlabError(f"cannot write {path}: {error.strerror or error}") from None
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -76,7 +76,11 @@ def to_state_dict(state: dict[str, torch.Tensor], source: str) -> dict[str, torc
         if sorted(parts) != [0, 1, 2]:
             raise VitlabError(f"{source}: {target} needs query, key and value; found only "
                               f"{', '.join(('query', 'key', 'value')[i] for i in sorted(parts))}")
-        out[target] = torch.cat([parts[0], parts[1], parts[2]])
+        try:
+            out[target] = torch.cat([parts[0], parts[1], parts[2]])
+        except RuntimeError as error:
+            raise VitlabError(f"{source}: query, key and value of {target} do not fit together: "
+                              f"{', '.join(str(tuple(parts[i].shape)) for i in range(3))} ({error})") from None
     if "head.weight" in out:  # ViTForImageClassification classifies the class token; a pooler is unused
         out.pop("pre_logits.fc.weight", None)
         out.pop("pre_logits.fc.bias", None)
@@ -194,19 +198,16 @@ def config_fields(data: dict[str, Any], source: str) -> dict[str, Any]:
 def read_directory(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Weights (vitlab layout) and config fields of a HF model directory (safetensors, sharded or not, or .bin)."""
     config_path = directory / CONFIG_NAME
-    try:
-        hf_config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as error:
-        raise VitlabError(f"{config_path}: not valid JSON ({error})") from None
-    if not isinstance(hf_config, dict):
-        raise VitlabError(f"{config_path}: expected a JSON object")
+    hf_config = _read_json_object(config_path)
     state: dict[str, torch.Tensor] = {}
     index = directory / f"{WEIGHTS_NAME}.index.json"
     if (directory / WEIGHTS_NAME).is_file():
         state = read_safetensors(directory / WEIGHTS_NAME)[0]
     elif index.is_file():
-        shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
-        for shard in shards:
+        weight_map = _read_json_object(index).get("weight_map", {})
+        if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
+            raise VitlabError(f"{index}: 'weight_map' must map tensor names to shard file names")
+        for shard in sorted(set(weight_map.values())):
             shard_path = (directory / shard).resolve()
             if shard_path.parent != directory.resolve():
                 raise VitlabError(f"{index}: shard {shard!r} lies outside {directory}")
@@ -219,10 +220,23 @@ def read_directory(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, 
     source = str(directory)
     vitlab_state = to_state_dict(state, source)
     fields = config_fields(hf_config, str(config_path))
+    for key in ("head.weight", "pre_logits.fc.weight"):
+        if key in vitlab_state and vitlab_state[key].ndim != 2:
+            raise VitlabError(f"{source}: {key} has shape {tuple(vitlab_state[key].shape)}; expected 2 dimensions")
     fields["num_classes"] = vitlab_state["head.weight"].shape[0] if "head.weight" in vitlab_state else 0
     fields["representation_size"] = (vitlab_state["pre_logits.fc.weight"].shape[0]
                                      if "pre_logits.fc.weight" in vitlab_state else None)
     return vitlab_state, fields
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as error:  # not JSON, not UTF-8, or nested beyond reason
+        raise VitlabError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise VitlabError(f"{path}: expected a JSON object")
+    return data
 
 
 def write_directory(directory: str | os.PathLike[str], state: dict[str, torch.Tensor], config: ViTConfig) -> None:

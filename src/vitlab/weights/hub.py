@@ -148,7 +148,7 @@ def _recorded(path: Path) -> str | None:
     record = path.with_name(path.name + ".sha256")
     if not record.is_file():
         return None
-    fields = record.read_text().split()
+    fields = record.read_bytes().decode("ascii", errors="replace").split()
     return fields[0] if fields else None
 
 
@@ -157,25 +157,27 @@ def download(entry: Pretrained, cache: Path | None = None) -> Path:
     cache = Path(cache) if cache is not None else cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     path = cache_path(entry, cache)
+    recorded = _recorded(path)
+    # The catalogue's digest when it has one, else the one recorded at the first download (trust on first use).
+    expected = entry.sha256 or recorded
     if path.is_file():
-        recorded = _recorded(path)
-        if entry.sha256 is None or recorded == entry.sha256:
-            if recorded is None:
-                _record(path, _sha256_of(path))
+        actual = _sha256_of(path)  # every time: a cached file can be corrupted or replaced after its download
+        if expected is None or actual == expected:
+            if recorded != actual:
+                _record(path, actual)
             return path
-        if _sha256_of(path) == entry.sha256:
-            _record(path, entry.sha256)
-            return path
-        path.unlink()  # cached under an older or wrong checksum: fetch again
+        path.unlink()  # corrupted, tampered with, or cached under an older checksum: fetch it again
     digest = hashlib.sha256()
     try:
         with urllib.request.urlopen(entry.url, timeout=60) as response, atomic_writer(path) as handle:
             while chunk := response.read(_CHUNK):
                 digest.update(chunk)
                 handle.write(chunk)
-            if entry.sha256 is not None and digest.hexdigest() != entry.sha256:
-                raise VitlabError(f"{entry.url}: sha256 {digest.hexdigest()} does not match the catalogue's "
-                                  f"{entry.sha256}; the download was deleted")
+            if expected is not None and digest.hexdigest() != expected:
+                source = ("the catalogue's" if entry.sha256
+                          else f"the one recorded at the first download ({path}.sha256)")
+                raise VitlabError(f"{entry.url}: sha256 {digest.hexdigest()} does not match {source} {expected}; "
+                                  "the download was deleted")
     except (urllib.error.URLError, OSError) as error:
         raise VitlabError(f"could not download {entry.url}: {getattr(error, 'reason', error)}") from None
     _record(path, digest.hexdigest())

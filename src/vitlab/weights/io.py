@@ -91,7 +91,7 @@ def read_weights(path: str | os.PathLike[str]) -> WeightFile:
         state, file_format = timm.to_state_dict(tensors, source), "timm"
     else:
         raise VitlabError(f"{path}: keys match neither timm nor Hugging Face ViT: {describe_keys(sorted(keys))}")
-    fields, grid = _shape_fields(state)
+    fields, grid = _shape_fields(state, source)
     return WeightFile(path, file_format, state, fields, None, grid)
 
 
@@ -114,7 +114,7 @@ def _complete_config(fields: dict[str, Any], source: str) -> ViTConfig | None:
         return None
     try:
         return ViTConfig(**fields)
-    except (TypeError, VitlabError) as error:
+    except (TypeError, ValueError) as error:  # VitlabError is a ValueError
         raise VitlabError(f"{source}: the weights describe an invalid model ({error})") from None
 
 
@@ -126,9 +126,13 @@ def _grid_of(fields: dict[str, Any]) -> tuple[int, int] | None:
     return (int(height) // fields["patch_size"], int(width) // fields["patch_size"])
 
 
-def _shape_fields(state: dict[str, torch.Tensor]) -> tuple[dict[str, Any], tuple[int, int] | None]:
+def _shape_fields(state: dict[str, torch.Tensor], source: str = "weights"
+                  ) -> tuple[dict[str, Any], tuple[int, int] | None]:
     """What a vitlab-layout state dict's shapes say beyond the architecture a model name fixes: classes, pooling,
     biases, pre-logits width and, when its grid is square, the image size (returned with the grid)."""
+    for key, ndim in (("head.weight", 2), ("pre_logits.fc.weight", 2), ("pos_embed", 3)):
+        if key in state and state[key].ndim != ndim:
+            raise VitlabError(f"{source}: {key} has shape {tuple(state[key].shape)}; expected {ndim} dimensions")
     patch = state["patch_embed.proj.weight"].shape[2]
     class_token = "cls_token" in state
     fields: dict[str, Any] = {
@@ -164,7 +168,7 @@ def _fit_position_embedding(state: dict[str, torch.Tensor], model: nn.Module, fi
     try:
         state["pos_embed"] = resample_position_embedding(source, target_grid, prefix, grid,
                                                          file.resample or model.config.posemb_resample)
-    except VitlabError as error:
+    except (VitlabError, RuntimeError) as error:  # RuntimeError: the target grid does not fit in memory
         raise VitlabError(f"{file.path}: cannot resample pos_embed {tuple(source.shape)} to the model's "
                           f"{target_grid[0]}x{target_grid[1]} grid: {error}") from None
 
@@ -226,12 +230,19 @@ def _check_keys(state: dict[str, torch.Tensor], target: dict[str, torch.Tensor],
         raise VitlabError(f"{file.path} ({file.format} weights) does not fit the model: " + "; ".join(problems))
 
 
-def _load_into(model: nn.Module, file: WeightFile, reset_head: bool, strict: bool) -> nn.Module:
+def _fitted_state(model: nn.Module, file: WeightFile, reset_head: bool, strict: bool
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The file's state fitted to the model (position embedding resampled, head dropped if allowed), checked."""
     state = dict(file.state_dict)
     target = model.state_dict()
     _fit_position_embedding(state, model, file)
     reset = _fit_head(state, target, model, reset_head, file.path)
     _check_keys(state, target, strict, file, reset)
+    return state, target
+
+
+def _load_into(model: nn.Module, file: WeightFile, reset_head: bool, strict: bool) -> nn.Module:
+    state, target = _fitted_state(model, file, reset_head, strict)
     model.load_state_dict({key: value for key, value in state.items() if key in target}, strict=False)
     return model
 
@@ -274,7 +285,7 @@ def load_model(path: str | os.PathLike[str], model_name: str | None = None, **ov
                           "pass model_name (see `vitlab models`)")
     config = apply_overrides(config, overrides)
     reset_head = bool({"num_classes", "representation_size"} & set(overrides))
-    return _load_into(_uninitialised_model(config), file, reset_head=reset_head, strict=True)
+    return _load_into(_uninitialised_model(config, file, reset_head), file, reset_head=reset_head, strict=True)
 
 
 def _check_named(config: Any, model_name: str, path: Path) -> None:
@@ -285,11 +296,23 @@ def _check_named(config: Any, model_name: str, path: Path) -> None:
         raise VitlabError(f"{path} does not hold a {model_name}: {', '.join(differ)}")
 
 
-def _uninitialised_model(config: Any) -> nn.Module:
+def _uninitialised_model(config: Any, file: WeightFile, reset_head: bool) -> nn.Module:
     """The model with allocated but unfilled parameters: a strict load overwrites all of them (a reset head is
-    zeroed), so running the initialisers first would only cost time (seconds for ViT-L on a CPU)."""
-    with torch.device("meta"):
-        model = build_model(config)
+    zeroed), so running the initialisers first would only cost time (seconds for ViT-L on a CPU).
+
+    The file is checked against the model's shapes before anything is allocated, so a config that does not
+    describe the file's tensors (a corrupt or hostile one, say with a width of 10^11) is refused, not built."""
+    blocks = {key.split(".")[1] for key in file.state_dict if key.startswith("blocks.")}
+    if blocks and getattr(config, "depth", len(blocks)) != len(blocks):  # before building depth-many blocks
+        raise VitlabError(f"{file.path} does not fit the model: its weights hold {len(blocks)} blocks, the model "
+                          f"has depth {config.depth}")
+    try:
+        with torch.device("meta"):
+            model = build_model(config)
+    except (RuntimeError, OverflowError, TypeError, MemoryError) as error:  # sizes beyond what torch can hold
+        detail = " ".join(str(error).split())[:200]
+        raise VitlabError(f"{file.path}: the model it describes cannot be built ({detail})") from None
+    _fitted_state(model, file, reset_head, strict=True)
     persistent = set(model.state_dict())
     if any(name not in persistent for name, _ in model.named_buffers()):
         return build_model(config)  # non-persistent buffers are computed at construction, not loaded

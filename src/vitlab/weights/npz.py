@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import zipfile
 from typing import Any
 
 import numpy as np
@@ -32,11 +31,15 @@ def read_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     """The raw arrays of an `.npz` file, read without pickle."""
     try:
         with np.load(path, allow_pickle=False) as data:
-            return {key: data[key] for key in data.files}
+            arrays = {key: data[key] for key in data.files}
     except FileNotFoundError:
         raise
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as error:
-        raise VitlabError(f"{path}: not a readable .npz file ({error})") from None
+    except Exception as error:  # noqa: BLE001 - a malformed archive or .npy header raises anything (TokenError, ...)
+        raise VitlabError(f"{path}: not a readable .npz file ({type(error).__name__}: {error})") from None
+    stray = sorted(key for key, value in arrays.items() if not isinstance(value, np.ndarray))
+    if stray:  # a zip member without the .npy suffix is returned as raw bytes
+        raise VitlabError(f"{path}: member(s) that are not .npy arrays: {describe_keys(stray)}")
+    return arrays
 
 
 def to_float32(array: np.ndarray, key: str, source: str) -> np.ndarray:
@@ -66,6 +69,7 @@ class _Reader:
         self.prefix = prefix
         self.source = source
         self.used: set[str] = set()
+        self.last: str | None = None  # the array taken most recently, named when a conversion fails
         self._decoded: dict[str, np.ndarray] = {}
 
     def has(self, name: str) -> bool:
@@ -81,6 +85,7 @@ class _Reader:
         if key not in self._decoded:
             self._decoded[key] = to_float32(self.arrays[key], key, self.source)
         self.used.add(key)
+        self.last = key
         array = self._decoded[key]
         return array if index is None else array[index]
 
@@ -107,6 +112,17 @@ def to_state_dict(arrays: dict[str, np.ndarray], source: str
     embedding was trained at (None when it has none, or its grid is not square).
     """
     reader = _Reader(arrays, find_prefix(arrays, source), source)
+    try:
+        return _convert(reader, arrays, source)
+    except VitlabError:
+        raise
+    except (ValueError, IndexError, TypeError) as error:  # an array whose shape does not fit the others
+        where = f" at {reader.last!r} {tuple(arrays[reader.last].shape)}" if reader.last else ""
+        raise VitlabError(f"{source}: the arrays do not form a ViT{where}: {error}") from None
+
+
+def _convert(reader: _Reader, arrays: dict[str, np.ndarray], source: str
+             ) -> tuple[dict[str, torch.Tensor], dict[str, Any], tuple[int, int] | None]:
     for marker, reason in (("conv_root/kernel", "hybrid (ResNet stem) ViT checkpoints are not supported"),
                            ("MAPHead_0/probe", "attention-pooling (MAP) heads are not supported")):
         if reader.has(marker):

@@ -57,7 +57,7 @@ def to_state_dict(state: dict[str, torch.Tensor], source: str) -> dict[str, torc
     if weight.shape[2] != weight.shape[3]:
         raise VitlabError(f"{source}: non-square patches {weight.shape[2]}x{weight.shape[3]} are not supported")
     posemb = state.get("pos_embed")
-    if "cls_token" in state and posemb is not None:
+    if "cls_token" in state and posemb is not None and posemb.ndim == 3:
         rows = posemb.shape[1]
         # timm's no_embed_class models add the table to the patches only; a zero class-token row is the same.
         if math.isqrt(rows) ** 2 == rows and math.isqrt(rows - 1) ** 2 != rows - 1:
