@@ -40,7 +40,7 @@ def read_image(path: Path, mode: str, size: tuple[int, int]) -> np.ndarray:
                 background = Image.new("RGBA", image.size, (255, 255, 255, 255))
                 image = Image.alpha_composite(background, image)
             image = ImageOps.fit(image.convert(mode), (size[1], size[0]), Image.Resampling.BICUBIC)
-            array = np.asarray(image, dtype=np.uint8)
+            array = np.array(image, dtype=np.uint8)
     except READ_ERRORS as error:
         raise VitlabError(f"{path}: cannot read image ({type(error).__name__}: {error})") from None
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)

@@ -88,10 +88,21 @@ class Recipe:
 
 RECIPES: dict[str, Recipe] = {
     "fmnist-vit": Recipe(
-        TrainConfig(),
+        TrainConfig(model="vit-mini-p7-28", model_overrides={"pool": "gap", "posemb": "sincos2d"}, epochs=8,
+                    batch_size=128, lr=2e-3, weight_decay=0.05, warmup_epochs=0.3, hflip=True, out="runs/fmnist-vit"),
         command="vitlab train --recipe fmnist-vit --out runs/fmnist-vit",
-        expected="about 90% Fashion-MNIST test top-1 within the demo's 10 minutes on 2 CPU cores",
-        description="the demo: a small pure ViT from scratch on Fashion-MNIST"),
+        expected="88.2% Fashion-MNIST test top-1 after 8 epochs, about 6.5 minutes on 2 idle CPU cores "
+                 "(measured 2026-11-23); short of the 90% goal",
+        description="the demo's pre-training: a small pure ViT (7-px patches on 28 px: a 4x4 grid, width 128, "
+                    "depth 6, GAP, 2D sin-cos positions) from scratch"),
+    "fmnist-finetune": Recipe(
+        TrainConfig(model="vit-mini-p7-28", dataset="fashion-mnist", img_size=35, epochs=1, batch_size=128,
+                    optimizer="adamw", lr=3e-4, weight_decay=0.0, warmup_epochs=0.1, hflip=True, new_head=False,
+                    out="runs/fmnist-finetune"),
+        command="vitlab finetune --recipe fmnist-finetune --from runs/fmnist-vit --out runs/fmnist-finetune",
+        expected="84.5% after one epoch at 35 px from the 88.2% fmnist-vit model (measured): on 28-px Fashion-MNIST "
+                 "the change of scale costs more than one epoch recovers",
+        description="the paper's higher-resolution fine-tuning step (5x5 patch grid at 35 px)"),
     "paper-pretrain-i21k": Recipe(
         TrainConfig(model="vit-b16", model_overrides={"representation_size": 768, "dropout": 0.1},
                     dataset="imagenet21k", img_size=224, epochs=90, batch_size=4096, lr=1e-3, min_lr=1e-5,
