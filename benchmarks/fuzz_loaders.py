@@ -22,11 +22,13 @@ same loaders with 60 inputs each.
 from __future__ import annotations
 
 import argparse
+import atexit
 import collections
 import functools
 import io
 import json
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -108,6 +110,7 @@ def seeds() -> dict[str, list[Seed]]:
     from vitlab.weights.hf import CONFIG_NAME
 
     root = Path(tempfile.mkdtemp(prefix="vitlab-fuzz-seeds-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
     model = tiny_model()
     found: dict[str, list[Seed]] = {}
 
@@ -358,8 +361,6 @@ def _write_file(name: str) -> Callable[[bytes, Path], Path]:
 
 
 def _write_hf_config(data: bytes, directory: Path) -> Path:
-    import shutil
-
     target = directory / "hf"
     if not target.exists():
         shutil.copytree(Path(seeds()["_root"][0].name) / "hf", target)
@@ -368,8 +369,6 @@ def _write_hf_config(data: bytes, directory: Path) -> Path:
 
 
 def _write_run_json(data: bytes, directory: Path) -> Path:
-    import shutil
-
     target = directory / "run"
     if not target.exists():
         target.mkdir()
@@ -434,8 +433,12 @@ class Counts:
 
 
 def fuzz(loader: str, examples: int, seed: int = 0) -> Counts:
+    with tempfile.TemporaryDirectory(prefix=f"vitlab-fuzz-{loader}-") as directory:
+        return _fuzz(loader, examples, seed, Path(directory))
+
+
+def _fuzz(loader: str, examples: int, seed: int, directory: Path) -> Counts:
     counts = Counts()
-    directory = Path(tempfile.mkdtemp(prefix=f"vitlab-fuzz-{loader}-"))
 
     @hypothesis_seed(seed)
     @settings(max_examples=examples, deadline=None, database=None, phases=[Phase.generate],
