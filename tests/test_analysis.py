@@ -14,13 +14,7 @@ from vitlab.analysis import (attention_maps, attention_rollout, mean_attention_d
                              position_embedding_similarity, rollout_matrix)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The CI-sized models here are faster on one thread, and the machine's cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(name: str = "vit-mini-p7-28", **overrides) -> torch.nn.Module:

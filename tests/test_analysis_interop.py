@@ -9,13 +9,7 @@ import vitlab
 from vitlab.analysis import attention_maps
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The CI-sized models here are faster on one thread, and the machine's cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_timm_checkpoint_gives_timm_attention():

@@ -23,13 +23,7 @@ from vitlab.weights import save_weights
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The CI-sized models here are faster on one thread, and the machine's cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(**overrides) -> torch.nn.Module:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import one_error_line
 from vitlab.cli import main
 
 TINY = '{"embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_dim": 64, "patch_size": 4}'
@@ -27,12 +28,6 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert main(train_args(out)) == 0
     return out
 
-
-def one_error_line(capsys: pytest.CaptureFixture[str], *needles: str) -> None:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "Traceback" not in err[0], err
-    for needle in needles:
-        assert needle in err[0], err
 
 
 def test_train_writes_a_run_and_eval_reads_it(trained: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import one_error_line
 from vitlab.cli import main
 from vitlab.train import checkpoint as ckpt
 
@@ -37,13 +38,6 @@ def train_args(out: Path, *extra: str) -> list[str]:
             str(out), "--no-progress", "--deterministic", "--set", f"model_overrides={TINY}", "--set", "threads=1",
             "--set", "checkpoint_every_steps=5", *extra]
 
-
-def one_error_line(capsys: pytest.CaptureFixture[str], *needles: str) -> str:
-    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.strip()]
-    assert len(err) == 1 and "Traceback" not in err[0], err
-    for needle in needles:
-        assert needle in err[0], err
-    return err[0]
 
 
 def record(out: Path, name: str = "last") -> dict:

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 import vitlab
 import vitlab.weights
+from helpers import one_error_line
 from vitlab.cli import main
 from vitlab.errors import VitlabError
 
@@ -50,13 +51,6 @@ def train_args(out: Path, *extra: str) -> list[str]:
             str(out), "--no-progress", "--set", f"model_overrides={TINY}", "--set", "threads=1",
             "--set", "checkpoint_every_steps=5", *extra]
 
-
-def one_error_line(capsys: pytest.CaptureFixture[str], *needles: str) -> str:
-    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.strip()]
-    assert len(err) == 1 and "Traceback" not in err[0], err
-    for needle in needles:
-        assert needle in err[0], err
-    return err[0]
 
 
 def files_under(root: Path) -> set[Path]:

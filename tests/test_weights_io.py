@@ -13,22 +13,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from helpers import TINY_VIT, random_model
 from vitlab.commands import convert
 from vitlab.errors import VitlabError
 from vitlab.models import ViTConfig, VisionTransformer, config_to_dict, create_model
 from vitlab.models.layers import resample_position_embedding
 from vitlab.weights import load_model, load_weights, save_weights
 
-TINY = ViTConfig(img_size=(32, 32), patch_size=8, embed_dim=32, depth=2, num_heads=4, mlp_dim=64, num_classes=5)
+TINY = TINY_VIT
 
-
-def random_model(config: ViTConfig = TINY, seed: int = 0) -> VisionTransformer:
-    torch.manual_seed(seed)
-    model = VisionTransformer(config).eval()
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.normal_(0.0, 0.2)
-    return model
 
 
 def logits(model: torch.nn.Module, config: ViTConfig = TINY) -> torch.Tensor:

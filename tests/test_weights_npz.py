@@ -8,22 +8,14 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import TINY_VIT, random_model
 from vitlab.errors import VitlabError
 from vitlab.models import ViTConfig, VisionTransformer
 from vitlab.weights import load_model, load_weights, save_weights
 from vitlab.weights import npz
 
-TINY = ViTConfig(img_size=(32, 32), patch_size=8, embed_dim=32, depth=2, num_heads=4, mlp_dim=64, num_classes=5)
+TINY = TINY_VIT
 
-
-def random_model(config: ViTConfig = TINY, seed: int = 0) -> VisionTransformer:
-    """A model with every parameter random, including the zero-initialised head and class token."""
-    torch.manual_seed(seed)
-    model = VisionTransformer(config).eval()
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.normal_(0.0, 0.2)
-    return model
 
 
 def logits(model: torch.nn.Module, config: ViTConfig = TINY, seed: int = 1) -> torch.Tensor:

@@ -1,0 +1,29 @@
+"""Helpers shared by several test modules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vitlab.models.vit import ViTConfig, VisionTransformer
+
+TINY_VIT = ViTConfig(img_size=(32, 32), patch_size=8, embed_dim=32, depth=2, num_heads=4, mlp_dim=64, num_classes=5)
+
+
+def random_model(config: ViTConfig = TINY_VIT, seed: int = 0) -> VisionTransformer:
+    """A model with every parameter random, including the zero-initialised head and class token."""
+    torch.manual_seed(seed)
+    model = VisionTransformer(config).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.2)
+    return model
+
+
+def one_error_line(capsys: pytest.CaptureFixture[str], *needles: str) -> str:
+    """The CLI's stderr is exactly one line, no traceback, containing every needle."""
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.strip()]
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    for needle in needles:
+        assert needle in err[0], err
+    return err[0]
