@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
 import pytest
 import torch
 
@@ -27,3 +32,13 @@ def one_error_line(capsys: pytest.CaptureFixture[str], *needles: str) -> str:
     for needle in needles:
         assert needle in err[0], err
     return err[0]
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """A script from benchmarks/ imported as a module, so tests can run its reduced form."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it is being executed
+    spec.loader.exec_module(module)
+    return module

@@ -4,32 +4,22 @@ good pair, a diverged loss and a full disk leave the last good checkpoint in pla
 from __future__ import annotations
 
 import errno
-import importlib.util
 import itertools
 import json
 import os
 import shutil
-import sys
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import one_error_line
+from helpers import load_benchmark, one_error_line
 from vitlab.cli import main
 from vitlab.train import checkpoint as ckpt
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = '{"embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_dim": 64, "patch_size": 4}'
 
-
-def load_benchmark(name: str):
-    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while it is being executed
-    spec.loader.exec_module(module)
-    return module
 
 
 def train_args(out: Path, *extra: str) -> list[str]:

@@ -6,13 +6,11 @@ fields, every kind of odd image, a tampered download cache, and names that try t
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import os
 import shutil
 import struct
-import sys
 import zipfile
 import zlib
 from pathlib import Path
@@ -26,21 +24,13 @@ from safetensors.torch import load_file, save_file
 
 import vitlab
 import vitlab.weights
-from helpers import one_error_line
+from helpers import load_benchmark, one_error_line
 from vitlab.cli import main
 from vitlab.errors import VitlabError
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = '{"embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_dim": 64, "patch_size": 4}'
 DIGITS_MODEL = ["--model", "vit-mini-p4-28"]
 
-
-def load_benchmark(name: str):
-    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while it is being executed
-    spec.loader.exec_module(module)
-    return module
 
 
 fuzz = load_benchmark("fuzz_loaders")

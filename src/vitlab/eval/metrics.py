@@ -19,27 +19,41 @@ class EvalResult:
 
 
 @torch.no_grad()
+def evaluation_sums(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
+                    weights: torch.Tensor, transform: Callable[[torch.Tensor], torch.Tensor], device: torch.device,
+                    batch_size: int = 1000, autocast: bool = False) -> tuple[list[float], torch.Tensor]:
+    """Weighted sums of loss, top-1 and top-5 hits over `images[indices]`, and the predictions of the images with
+    non-zero weight. Weights let distributed evaluation pad every rank to the same number of batches."""
+    was_training = model.training
+    model.eval()
+    sums = [0.0, 0.0, 0.0]
+    predictions = []
+    for start in range(0, len(indices), batch_size):
+        index = indices[start:start + batch_size]
+        weight = weights[start:start + batch_size].to(device)
+        x = transform(images[index]).to(device)
+        y = labels[index].to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            logits = model(x).float()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        sums[0] += (F.cross_entropy(logits, y, reduction="none").double() * weight).sum().item()
+        sums[1] += ((top[:, 0] == y).double() * weight).sum().item()
+        sums[2] += ((top == y[:, None]).any(dim=1).double() * weight).sum().item()
+        predictions.append(top[:, 0][weight > 0].cpu())
+    model.train(was_training)
+    return sums, torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.long)
+
+
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
              transform: Callable[[torch.Tensor], torch.Tensor], device: torch.device, batch_size: int = 1000,
              autocast: bool = False) -> EvalResult:
     """Loss, top-1 and top-5 of `model` on uint8 `images`, batch by batch, in eval mode."""
-    was_training = model.training
-    model.eval()
-    total_loss, correct1, correct5 = 0.0, 0, 0
-    predictions = []
-    for start in range(0, len(labels), batch_size):
-        x = transform(images[start:start + batch_size]).to(device)
-        y = labels[start:start + batch_size].to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            logits = model(x).float()
-        total_loss += F.cross_entropy(logits, y, reduction="sum").item()
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        correct1 += (top[:, 0] == y).sum().item()
-        correct5 += (top == y[:, None]).any(dim=1).sum().item()
-        predictions.append(top[:, 0].cpu())
-    model.train(was_training)
+    everything = torch.arange(len(labels))
+    (loss, correct1, correct5), predictions = evaluation_sums(
+        model, images, labels, everything, torch.ones(len(labels), dtype=torch.float64), transform, device,
+        batch_size, autocast)
     count = max(len(labels), 1)
-    return EvalResult(total_loss / count, correct1 / count, correct5 / count, torch.cat(predictions))
+    return EvalResult(loss / count, correct1 / count, correct5 / count, predictions)
 
 
 def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:

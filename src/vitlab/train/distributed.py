@@ -24,11 +24,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from vitlab.errors import VitlabError
-from vitlab.eval.metrics import EvalResult
+from vitlab.eval.metrics import EvalResult, evaluation_sums
 
 
 
@@ -268,30 +267,14 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     Rank r takes images r, r + world, ...; the shorter ranks are padded with weight-0 copies so every rank runs
     the same number of forward passes (FSDP gathers parameters in each one). `predictions` are this rank's.
     """
-    rank, world, device = setup_.rank, setup_.world_size, setup_.device
+    rank, world = setup_.rank, setup_.world_size
     total = len(labels)
     per_rank = math.ceil(total / world) if total else 0
     positions = torch.arange(rank, per_rank * world, world)
     weights = (positions < total).double()
     mine = positions.clamp(max=max(total - 1, 0))
-    was_training = model.training
-    model.eval()
-    sums = [0.0, 0.0, 0.0]
-    predictions = []
-    for start in range(0, per_rank, batch_size):
-        index = mine[start:start + batch_size]
-        weight = weights[start:start + batch_size].to(device)
-        x = transform(images[index]).to(device)
-        y = labels[index].to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            logits = model(x).float()
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        sums[0] += (F.cross_entropy(logits, y, reduction="none").double() * weight).sum().item()
-        sums[1] += ((top[:, 0] == y).double() * weight).sum().item()
-        sums[2] += ((top == y[:, None]).any(dim=1).double() * weight).sum().item()
-        predictions.append(top[:, 0][weight > 0].cpu())
-    model.train(was_training)
+    sums, predictions = evaluation_sums(model, images, labels, mine, weights, transform, setup_.device, batch_size,
+                                        autocast)
     loss, correct1, correct5 = setup_.all_reduce_sum(sums)
     count = max(total, 1)
-    return EvalResult(loss / count, correct1 / count, correct5 / count,
-                      torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.long))
+    return EvalResult(loss / count, correct1 / count, correct5 / count, predictions)
