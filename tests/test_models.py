@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 import vitlab
 from vitlab.errors import VitlabError
 from vitlab.models.layers import resample_position_embedding, sincos_2d_position_embedding
+
+from helpers import TINY_VIT, random_model
 
 # The official repo's models_test.py and timm give these counts at 224 px with a 1000-class head.
 PAPER_COUNTS = {
@@ -152,3 +156,43 @@ def test_matches_timm_on_the_same_weights() -> None:
     model.load_state_dict(reference.state_dict(), strict=True)
     x = torch.randn(2, 3, 64, 96)
     assert torch.allclose(model(x), reference(x), atol=1e-4)
+
+
+@pytest.mark.parametrize("pool", ["token", "gap"])
+def test_patch_dropout_keeps_a_random_subset_of_patch_tokens_in_training_only(pool: str) -> None:
+    config = dataclasses.replace(TINY_VIT, img_size=(32, 32), patch_size=4, pool=pool, patch_dropout=0.5)
+    model = random_model(config)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        embedded = model.embed(x)
+        prefix = model.num_prefix_tokens
+        model.train()
+        torch.manual_seed(1)
+        kept = model.drop_patches(embedded)
+        assert kept.shape == (3, prefix + 32, 32)  # half of the 8×8 grid
+        assert torch.equal(kept[:, :prefix], embedded[:, :prefix])
+        for image in range(3):  # every kept token is one of the image's own tokens, none twice
+            rows = [int(torch.nonzero((embedded[image, prefix:] == token).all(dim=1))[0])
+                    for token in kept[image, prefix:]]
+            assert len(set(rows)) == 32
+        torch.manual_seed(1)
+        assert model(x).shape == (3, 5)
+        model.eval()
+        assert model.forward_features(x).shape == (3, prefix + 64, 32)
+
+
+def test_patch_dropout_must_be_a_probability() -> None:
+    with pytest.raises(VitlabError, match="patch_dropout"):
+        dataclasses.replace(TINY_VIT, patch_dropout=1.5)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients() -> None:
+    x = torch.randn(2, 3, 32, 32)
+    grads = []
+    for enable in (False, True):
+        model = random_model().train()
+        model.set_grad_checkpointing(enable)
+        model(x).square().sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for plain, recomputed in zip(*grads):
+        torch.testing.assert_close(plain, recomputed, rtol=1e-5, atol=1e-6)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from vitlab.errors import VitlabError
 
@@ -50,6 +51,7 @@ class ViTConfig:
     dropout: float = 0.0
     attn_dropout: float = 0.0
     drop_path: float = 0.0
+    patch_dropout: float = 0.0  # FLIP: train on a random subset of patch tokens; fewer tokens, cheaper steps
     layer_norm_eps: float = 1e-6
 
     def __post_init__(self) -> None:
@@ -66,7 +68,7 @@ class ViTConfig:
             raise VitlabError(f"num_classes must be a non-negative integer, got {self.num_classes!r}")
         if self.embed_dim % self.num_heads:
             raise VitlabError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
-        for name in ("dropout", "attn_dropout", "drop_path"):
+        for name in ("dropout", "attn_dropout", "drop_path", "patch_dropout"):
             value = getattr(self, name)
             if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
                 raise VitlabError(f"{name} must be a probability in [0, 1], got {value!r}")
@@ -159,6 +161,7 @@ class VisionTransformer(nn.Module):
         else:
             self.pos_embed = None
         self.pos_drop = nn.Dropout(config.dropout)
+        self.grad_checkpointing = False
         drop_rates = [config.drop_path * i / max(config.depth - 1, 1) for i in range(config.depth)]
         self.blocks = nn.ModuleList(
             Block(dim, config.num_heads, config.mlp_dim, config.qkv_bias, config.dropout, config.attn_dropout,
@@ -241,15 +244,34 @@ class VisionTransformer(nn.Module):
             tokens = tokens + posemb
         return self.pos_drop(tokens)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass: less memory for big models, ~30% more time."""
+        self.grad_checkpointing = enable
+
+    def drop_patches(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Keep a random `1 - patch_dropout` share of each image's patch tokens (prefix tokens always stay)."""
+        prefix, patches = tokens[:, :self.num_prefix_tokens], tokens[:, self.num_prefix_tokens:]
+        batch, count, dim = patches.shape
+        keep = max(1, round(count * (1.0 - self.config.patch_dropout)))
+        kept = torch.rand(batch, count, device=tokens.device).argsort(dim=1)[:, :keep]
+        patches = patches.gather(1, kept.unsqueeze(-1).expand(-1, -1, dim))
+        return torch.cat([prefix, patches], dim=1)
+
     def forward_features(self, x: torch.Tensor, return_attention: bool = False
                          ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Image → normalised token sequence (B, prefix + H*W/P², D); optionally each layer's attention."""
+        """Image → normalised token sequence (B, prefix + H*W/P², D); optionally each layer's attention.
+
+        In training mode with `patch_dropout`, the sequence holds only the kept patch tokens."""
         x = self.embed(x)
+        if self.training and self.config.patch_dropout > 0:
+            x = self.drop_patches(x)
         attentions: list[torch.Tensor] = []
         for block in self.blocks:
             if return_attention:
                 x, probs = block(x, return_attention=True)
                 attentions.append(probs)
+            elif self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
         x = self.norm(x)

@@ -53,6 +53,7 @@ class TrainConfig:
     device: str = "auto"
     amp: str = "auto"
     compile: bool = False
+    grad_checkpointing: bool = False  # recompute block activations in backward: fits bigger models in memory
     fsdp: bool = False  # shard parameters, gradients and optimizer state across processes (FSDP2)
     threads: int | None = None
     eval_every_epochs: float = 1.0

@@ -92,11 +92,9 @@ class Trainer:
         if config.img_size is not None:
             changes["img_size"] = config.img_size
         if changes:
-            import dataclasses
+            from vitlab.models.registry import apply_overrides, build_model
 
-            from vitlab.models.registry import build_model
-
-            model = build_model(dataclasses.replace(model_cfg, **changes))
+            model = build_model(apply_overrides(model_cfg, changes))
             model.load_state_dict(_resampled_state(source, model), strict=True)
         else:
             model = source
@@ -115,6 +113,10 @@ class Trainer:
         data = load_data(config, probe_size)
         data_chans = data.train.channels if isinstance(data.train, ShardSet) else data.train.images.shape[1]
         model = self._build_model(data.train.num_classes, data_chans).to(self.device)
+        if config.grad_checkpointing:
+            if not hasattr(model, "set_grad_checkpointing"):
+                raise VitlabError(f"grad_checkpointing: {type(model).__name__} does not support it")
+            model.set_grad_checkpointing(True)
         size = tuple(model.config.img_size)
         in_chans = model.config.in_chans
         if data.train.num_classes != model.config.num_classes:
