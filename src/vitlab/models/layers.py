@@ -134,3 +134,10 @@ def resample_position_embedding(posemb: torch.Tensor, new_grid: tuple[int, int],
         raise VitlabError(f"position embedding has {flat.shape[1]} grid rows, not {old_grid[0]}x{old_grid[1]}")
     grid = resample_grid(flat.reshape(1, old_grid[0], old_grid[1], -1), new_grid, mode)
     return torch.cat([prefix, grid.reshape(1, new_grid[0] * new_grid[1], -1)], dim=1)
+
+
+def lecun_normal_(weight: torch.Tensor) -> torch.Tensor:
+    """Flax's default kernel init (`lecun_normal`): a normal truncated at ±2 std whose std is rescaled so the
+    truncated draw has variance 1/fan_in. The fan-in of a (out, in, ...) torch weight is one output's size."""
+    std = math.sqrt(1.0 / weight[0].numel()) / .87962566103423978
+    return nn.init.trunc_normal_(weight, std=std, a=-2.0 * std, b=2.0 * std)
