@@ -12,6 +12,9 @@ from torch import nn
 
 from vitlab.errors import VitlabError
 
+from vitlab.models.mixer import MixerConfig, MlpMixer
+from vitlab.models.perceiver import Perceiver, PerceiverConfig
+from vitlab.models.resnet import ResNet, ResNetConfig
 from vitlab.models.vit import ViTConfig, VisionTransformer
 
 
@@ -24,7 +27,10 @@ class ModelSpec:
     description: str
 
 
-_FAMILIES: dict[str, tuple[type, Callable[[Any], nn.Module]]] = {"vit": (ViTConfig, VisionTransformer)}
+_FAMILIES: dict[str, tuple[type, Callable[[Any], nn.Module]]] = {"vit": (ViTConfig, VisionTransformer),
+                                                               "resnet": (ResNetConfig, ResNet),
+                                                               "mixer": (MixerConfig, MlpMixer),
+                                                               "perceiver": (PerceiverConfig, Perceiver)}
 _REGISTRY: dict[str, ModelSpec] = {}
 
 
@@ -133,6 +139,40 @@ register("vit-mini-p4-32", "vit",
          ViTConfig(img_size=(32, 32), patch_size=4, in_chans=3, num_classes=10, embed_dim=192, depth=6,
                    num_heads=3, mlp_dim=384),
          "small ViT for 32×32 RGB images (CIFAR), 8×8 patch grid")
+
+
+# BiT ResNet-v2 (Kolesnikov et al., 2020): R50x1 as timm's resnetv2_50x1_bit, and a small one for 28×28 inputs
+# whose 3×3/1 stem keeps a 7×7 map after three stages (about the size of vit-mini-p4-28).
+register("resnet50-bit", "resnet", ResNetConfig(layers=(3, 4, 6, 3), width=64),
+         "BiT-M R50x1, 224 px: pre-activation bottlenecks (3, 4, 6, 3), GroupNorm + weight standardisation")
+register("resnet-bit-mini-28", "resnet",
+         ResNetConfig(img_size=(28, 28), in_chans=1, num_classes=10, layers=(2, 2, 2), width=32, stem="small"),
+         "small BiT ResNet for 28×28 grayscale images: 3×3 stem, stages (2, 2, 2), width 32, 7×7 final map")
+
+
+# MLP-Mixer (paper Table 1): hidden width C and block count; token MLP D_S = 0.5·C, channel MLP D_C = 4·C.
+_MIXER_SIZES = {"s": (512, 8), "b": (768, 12), "l": (1024, 24)}
+
+for _size, (_dim, _depth) in _MIXER_SIZES.items():
+    for _patch in (16, 32):
+        register(f"mixer-{_size}{_patch}", "mixer",
+                 MixerConfig(patch_size=_patch, embed_dim=_dim, depth=_depth, tokens_mlp_dim=_dim // 2,
+                             channels_mlp_dim=4 * _dim),
+                 f"Mixer-{_size.upper()}/{_patch}, 224 px")
+register("mixer-mini-p4-28", "mixer",
+         MixerConfig(img_size=(28, 28), patch_size=4, in_chans=1, num_classes=10, embed_dim=128, depth=6,
+                     tokens_mlp_dim=64, channels_mlp_dim=512),
+         "small MLP-Mixer for 28×28 grayscale images, 7×7 patch grid")
+
+# The Perceiver's ImageNet model (paper Sec. 4.1 and App. C; 44.9M parameters with its weight sharing) and a small
+# one for 28×28 inputs, whose dense blocks widen 4× so that it has about the size of vit-mini-p4-28.
+register("perceiver-imagenet", "perceiver", PerceiverConfig(),
+         "Perceiver (FF), 224 px: 512×1024 latents, 8 cross-attends, 6-block tower, shared weights")
+register("perceiver-mini-28", "perceiver",
+         PerceiverConfig(img_size=(28, 28), in_chans=1, num_classes=10, num_latents=64, latent_dim=128,
+                         num_cross_attends=2, latent_blocks=2, latent_heads=4, mlp_ratio=4.0, num_bands=16,
+                         max_resolution=28),
+         "small Perceiver for 28×28 grayscale images: 64×128 latents, 2 cross-attends, 2-block tower")
 
 
 def create_model(name: str, num_classes: int | None = None, img_size: int | tuple[int, int] | None = None,
