@@ -14,6 +14,7 @@ from vitlab.errors import VitlabError
 
 from vitlab.models.mixer import MixerConfig, MlpMixer
 from vitlab.models.perceiver import Perceiver, PerceiverConfig
+from vitlab.models.resnet import ResNet, ResNetConfig
 from vitlab.models.vit import ViTConfig, VisionTransformer
 
 
@@ -27,6 +28,7 @@ class ModelSpec:
 
 
 _FAMILIES: dict[str, tuple[type, Callable[[Any], nn.Module]]] = {"vit": (ViTConfig, VisionTransformer),
+                                                               "resnet": (ResNetConfig, ResNet),
                                                                "mixer": (MixerConfig, MlpMixer),
                                                                "perceiver": (PerceiverConfig, Perceiver)}
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -137,6 +139,15 @@ register("vit-mini-p4-32", "vit",
          ViTConfig(img_size=(32, 32), patch_size=4, in_chans=3, num_classes=10, embed_dim=192, depth=6,
                    num_heads=3, mlp_dim=384),
          "small ViT for 32×32 RGB images (CIFAR), 8×8 patch grid")
+
+
+# BiT ResNet-v2 (Kolesnikov et al., 2020): R50x1 as timm's resnetv2_50x1_bit, and a small one for 28×28 inputs
+# whose 3×3/1 stem keeps a 7×7 map after three stages (about the size of vit-mini-p4-28).
+register("resnet50-bit", "resnet", ResNetConfig(layers=(3, 4, 6, 3), width=64),
+         "BiT-M R50x1, 224 px: pre-activation bottlenecks (3, 4, 6, 3), GroupNorm + weight standardisation")
+register("resnet-bit-mini-28", "resnet",
+         ResNetConfig(img_size=(28, 28), in_chans=1, num_classes=10, layers=(2, 2, 2), width=32, stem="small"),
+         "small BiT ResNet for 28×28 grayscale images: 3×3 stem, stages (2, 2, 2), width 32, 7×7 final map")
 
 
 # MLP-Mixer (paper Table 1): hidden width C and block count; token MLP D_S = 0.5·C, channel MLP D_C = 4·C.
