@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vitlab.errors import VitlabError
+from vitlab.models.checks import require_class_count, require_positive_int, require_probability
 from vitlab.models.layers import DropPath
 
 STEMS = ("fixed", "same", "small")
@@ -61,23 +61,17 @@ class ResNetConfig:
             object.__setattr__(self, "layers", tuple(self.layers))
         if not isinstance(self.layers, tuple) or not self.layers:
             raise VitlabError(f"layers must be a non-empty tuple of block counts, got {self.layers!r}")
-        sizes = [("in_chans", self.in_chans), ("width", self.width), ("img_size", self.img_size[0]),
-                 ("img_size", self.img_size[1])] + [("layers", depth) for depth in self.layers]
-        for name, value in sizes:
-            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-                raise VitlabError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.num_classes, numbers.Integral) or isinstance(self.num_classes, bool) \
-                or self.num_classes < 0:
-            raise VitlabError(f"num_classes must be a non-negative integer, got {self.num_classes!r}")
+        for name, value in [("in_chans", self.in_chans), ("width", self.width), ("img_size", self.img_size[0]),
+                            ("img_size", self.img_size[1])] + [("layers", depth) for depth in self.layers]:
+            require_positive_int(name, value)
+        require_class_count(self.num_classes)
+        require_probability("drop_path", self.drop_path)
         if self.width % NUM_GROUPS:
             raise VitlabError(f"width must be a multiple of {NUM_GROUPS} (GroupNorm's groups), got {self.width}")
         if self.stem not in STEMS:
             raise VitlabError(f"stem must be one of {STEMS}, got {self.stem!r}")
         if not isinstance(self.preact, bool):
             raise VitlabError(f"preact must be true or false, got {self.preact!r}")
-        if not isinstance(self.drop_path, numbers.Real) or isinstance(self.drop_path, bool) \
-                or not 0.0 <= self.drop_path <= 1.0:
-            raise VitlabError(f"drop_path must be a probability in [0, 1], got {self.drop_path!r}")
 
     @property
     def stride(self) -> int:
