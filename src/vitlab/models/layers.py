@@ -13,6 +13,13 @@ from vitlab.errors import VitlabError
 RESAMPLE_MODES = ("official", "bicubic")
 
 
+def to_2tuple(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    if isinstance(size, int):
+        return (size, size)
+    height, width = size
+    return (int(height), int(width))
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection (timm's key layout).
 

@@ -139,6 +139,10 @@ register("vit-mini-p4-32", "vit",
          ViTConfig(img_size=(32, 32), patch_size=4, in_chans=3, num_classes=10, embed_dim=192, depth=6,
                    num_heads=3, mlp_dim=384),
          "small ViT for 32×32 RGB images (CIFAR), 8×8 patch grid")
+# The paper's hybrid (§3.1): ViT-B on 1×1 patches of an R50 stem whose stage 4 is folded into stage 3 (stride 16).
+register("vit-b16-r50", "vit",
+         ViTConfig(patch_size=1, hybrid_layers=(3, 4, 9), embed_dim=768, depth=12, num_heads=12, mlp_dim=3072),
+         "R50+ViT-B/16 hybrid, 224 px: ResNet stages (3, 4, 9), stride 16, 1×1 patches (14×14 grid)")
 
 
 # BiT ResNet-v2 (Kolesnikov et al., 2020): R50x1 as timm's resnetv2_50x1_bit, and a small one for 28×28 inputs

@@ -20,19 +20,12 @@ from torch.utils.checkpoint import checkpoint
 
 from vitlab.errors import VitlabError
 from vitlab.models.checks import require_class_count, require_positive_int, require_probability
-from vitlab.models.layers import DropPath
+from vitlab.models.layers import DropPath, to_2tuple
 
 STEMS = ("fixed", "same", "small")
 NUM_GROUPS = 32  # GroupNorm groups everywhere, as BiT
 GN_EPS = 1e-5
 WS_EPS = 1e-8  # timm's weight-standardisation epsilon; BiT's 1e-10 and Flax's 1e-5 differ by < 1e-6 in the logits
-
-
-def to_2tuple(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
-    if isinstance(size, int):
-        return (size, size)
-    height, width = size
-    return (int(height), int(width))
 
 
 @dataclass(frozen=True)

@@ -18,17 +18,11 @@ from torch.utils.checkpoint import checkpoint
 from vitlab.errors import VitlabError
 
 from vitlab.models.layers import (RESAMPLE_MODES, Attention, DropPath, Mlp, resample_position_embedding,
-                                  sincos_2d_position_embedding)
+                                  sincos_2d_position_embedding, to_2tuple)
+from vitlab.models.resnet import ResNet, ResNetConfig
 
 POOLS = ("token", "gap")
 POSEMBS = ("learned", "sincos2d", "none")
-
-
-def to_2tuple(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
-    if isinstance(size, int):
-        return (size, size)
-    height, width = size
-    return (int(height), int(width))
 
 
 @dataclass(frozen=True)
@@ -53,13 +47,22 @@ class ViTConfig:
     drop_path: float = 0.0
     patch_dropout: float = 0.0  # FLIP: train on a random subset of patch tokens; fewer tokens, cheaper steps
     layer_norm_eps: float = 1e-6
+    # The hybrid (paper §3.1): the stages of a post-activation ResNet stem whose feature map is cut into patches,
+    # e.g. (3, 4, 9) for R50+ViT-B/16 (stride 16, 1×1 patches); None is the pure ViT.
+    hybrid_layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "img_size", to_2tuple(self.img_size))
+        if isinstance(self.hybrid_layers, list):
+            object.__setattr__(self, "hybrid_layers", tuple(self.hybrid_layers))
+        if self.hybrid_layers is not None and (not isinstance(self.hybrid_layers, tuple) or not self.hybrid_layers):
+            raise VitlabError(f"hybrid_layers must be None or a non-empty tuple of block counts, "
+                              f"got {self.hybrid_layers!r}")
         sizes = [("patch_size", self.patch_size), ("in_chans", self.in_chans), ("embed_dim", self.embed_dim),
                  ("depth", self.depth), ("num_heads", self.num_heads), ("mlp_dim", self.mlp_dim),
                  ("img_size", self.img_size[0]), ("img_size", self.img_size[1]),
                  ("representation_size", self.representation_size or 1)]
+        sizes += [("hybrid_layers", blocks) for blocks in self.hybrid_layers or ()]
         for name, value in sizes:
             if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
                 raise VitlabError(f"{name} must be a positive integer, got {value!r}")
@@ -81,12 +84,27 @@ class ViTConfig:
         if self.posemb_resample not in RESAMPLE_MODES:
             raise VitlabError(f"posemb_resample must be one of {RESAMPLE_MODES}, got {self.posemb_resample!r}")
         for side in self.img_size:
-            if side % self.patch_size:
-                raise VitlabError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
+            if side % self.stride:
+                by = "patch_size" if self.hybrid_layers is None else "the hybrid's stride"
+                raise VitlabError(f"img_size {self.img_size} is not divisible by {by} {self.stride}")
+
+    @property
+    def backbone(self) -> ResNetConfig | None:
+        """The hybrid's ResNet stem: the official one, with GroupNorm, TF SAME padding and post-activation units."""
+        if self.hybrid_layers is None:
+            return None
+        return ResNetConfig(img_size=self.img_size, in_chans=self.in_chans, num_classes=0, layers=self.hybrid_layers,
+                            stem="same", preact=False)
+
+    @property
+    def stride(self) -> int:
+        """Pixels per token side: the patch size, times the ResNet stem's stride in a hybrid."""
+        backbone = self.backbone
+        return self.patch_size * (1 if backbone is None else backbone.stride)
 
     @property
     def grid_size(self) -> tuple[int, int]:
-        return (self.img_size[0] // self.patch_size, self.img_size[1] // self.patch_size)
+        return (self.img_size[0] // self.stride, self.img_size[1] // self.stride)
 
     @property
     def class_token(self) -> bool:
@@ -107,6 +125,20 @@ class PatchEmbed(nn.Module):
         if height % self.patch_size or width % self.patch_size:
             raise VitlabError(f"input size {height}x{width} is not divisible by patch size {self.patch_size}")
         return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class HybridEmbed(nn.Module):
+    """The hybrid's input (paper §3.1): a ResNet feature map cut into P×P patches (1×1 in the paper), projected to D.
+
+    `backbone` and `proj` are timm's names, so its `vit_*_r50_*` state dicts load unchanged."""
+
+    def __init__(self, backbone: ResNetConfig, patch_size: int, embed_dim: int) -> None:
+        super().__init__()
+        self.backbone = ResNet(backbone)
+        self.proj = nn.Conv2d(backbone.num_features, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.backbone.forward_features(x)).flatten(2).transpose(1, 2)
 
 
 class Block(nn.Module):
@@ -153,7 +185,8 @@ class VisionTransformer(nn.Module):
         self.config = config
         dim = config.embed_dim
         self.num_prefix_tokens = 1 if config.class_token else 0
-        self.patch_embed = PatchEmbed(config.patch_size, config.in_chans, dim)
+        self.patch_embed: nn.Module = (PatchEmbed(config.patch_size, config.in_chans, dim) if config.backbone is None
+                                       else HybridEmbed(config.backbone, config.patch_size, dim))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if config.class_token else None
         grid_h, grid_w = config.grid_size
         if config.posemb == "learned":
@@ -213,10 +246,11 @@ class VisionTransformer(nn.Module):
         self.config = dataclasses.replace(self.config, num_classes=num_classes)
 
     def grid_size_for(self, height: int, width: int) -> tuple[int, int]:
-        patch = self.config.patch_size
-        if height % patch or width % patch:
-            raise VitlabError(f"input size {height}x{width} is not divisible by patch size {patch}")
-        return (height // patch, width // patch)
+        stride = self.config.stride
+        if height % stride or width % stride:
+            what = "patch size" if self.config.hybrid_layers is None else "the hybrid's stride"
+            raise VitlabError(f"input size {height}x{width} is not divisible by {what} {stride}")
+        return (height // stride, width // stride)
 
     def position_embedding(self, grid: tuple[int, int]) -> torch.Tensor | None:
         """Position embeddings for a patch grid; learned ones are resampled in 2D when the grid differs."""
