@@ -111,7 +111,7 @@ def resample_grid(grid: torch.Tensor, new_size: tuple[int, int], mode: str = "of
     """
     if mode not in RESAMPLE_MODES:
         raise VitlabError(f"unknown position-embedding resample mode {mode!r}; choose one of {RESAMPLE_MODES}")
-    if tuple(grid.shape[1:3]) == tuple(new_size):
+    if tuple(grid.shape[1:3]) == tuple(new_size) and not torch.jit.is_tracing():  # a traced size is not fixed
         return grid
     dtype = grid.dtype
     chw = grid.permute(0, 3, 1, 2).float()

@@ -260,7 +260,8 @@ class VisionTransformer(nn.Module):
             return sincos_2d_position_embedding(*grid, self.config.embed_dim, dtype=self.patch_embed.proj.weight.dtype
                                                 ).to(self.patch_embed.proj.weight.device)[None]
         posemb = self.pos_embed
-        if grid != self.config.grid_size:
+        # Under the ONNX tracer `grid` comes from the input's shape, so always resample: the graph then does it too.
+        if grid != self.config.grid_size or torch.jit.is_tracing():
             posemb = resample_position_embedding(posemb, grid, self.num_prefix_tokens, self.config.grid_size,
                                                  self.config.posemb_resample)
         return posemb
