@@ -180,16 +180,25 @@ register("perceiver-mini-28", "perceiver",
 
 
 def create_model(name: str, num_classes: int | None = None, img_size: int | tuple[int, int] | None = None,
-                 pretrained: str | None = None, **overrides: Any) -> nn.Module:
+                 pretrained: str | None = None, quantize: str | None = None, **overrides: Any) -> nn.Module:
     """Build a registered model; `pretrained` names a published checkpoint from `vitlab.weights.hub`.
 
     With `pretrained`, the weights are downloaded once into the cache, verified, resampled to `img_size` and,
-    when `num_classes` differs from the checkpoint's, given a new zero-initialised head.
+    when `num_classes` differs from the checkpoint's, given a new zero-initialised head. `quantize="int8"` returns
+    an inference-only model with int8 dense layers (`vitlab.models.quantize`; needs onnxruntime).
     """
+    if quantize is not None:
+        from vitlab.models.quantize import check_quantize_mode
+
+        check_quantize_mode(quantize)
     config = model_config(name, num_classes=num_classes, img_size=img_size, **overrides)
     model = build_model(config)
     if pretrained is not None:
         from vitlab.weights.hub import load_pretrained
 
         load_pretrained(model, name, pretrained)
+    if quantize is not None:
+        from vitlab.models.quantize import quantize_model
+
+        return quantize_model(model, quantize)
     return model
