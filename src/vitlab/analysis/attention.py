@@ -40,10 +40,10 @@ def _check_images(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         images = images[None]
     if images.ndim != 4 or images.shape[0] == 0:
         raise VitlabError(f"images must have shape (B, C, H, W) with B >= 1, got {tuple(images.shape)}")
-    in_chans = model.patch_embed.proj.in_channels
+    in_chans = model.config.in_chans
     if images.shape[1] != in_chans:
         raise VitlabError(f"images have {images.shape[1]} channels but the model expects {in_chans}")
-    parameter = model.patch_embed.proj.weight
+    parameter = next(model.parameters())
     return images.to(device=parameter.device, dtype=parameter.dtype)
 
 
@@ -58,6 +58,18 @@ def attention_maps(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     Layers come first so `maps[i]` is layer i's (B, H, T, T) tensor, as `forward(return_attention=True)` returns
     them. Computed in eval mode (no attention dropout) without gradients.
     """
+    images = _check_images(model, images)
+    with _eval_mode(model):
+        _, attentions = model(images, return_attention=True)
+    return torch.stack(attentions)
+
+
+def cross_attention_maps(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """A Perceiver's attention from its latents to the pixels at every cross-attend, shape (S, B, heads, N, H*W):
+    cross-attend, image, head, latent, pixel in raster order; each latent's row sums to 1 (paper Fig. 3 and 7
+    show these maps). Computed in eval mode without gradients."""
+    if not hasattr(model, "cross_attends"):
+        raise VitlabError(f"cross_attention_maps needs a Perceiver, got {type(model).__name__}")
     images = _check_images(model, images)
     with _eval_mode(model):
         _, attentions = model(images, return_attention=True)

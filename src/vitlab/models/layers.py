@@ -143,8 +143,15 @@ def resample_position_embedding(posemb: torch.Tensor, new_grid: tuple[int, int],
     return torch.cat([prefix, grid.reshape(1, new_grid[0] * new_grid[1], -1)], dim=1)
 
 
+def truncated_normal_(tensor: torch.Tensor, std: float) -> torch.Tensor:
+    """A normal draw truncated at ±2 std, by inverting the CDF over the kept range (what Flax and Haiku's
+    truncated normals sample); several times faster than torch's `trunc_normal_` with bounds this tight."""
+    bound = math.erf(2.0 / math.sqrt(2.0))  # 2·Φ(2) - 1
+    with torch.no_grad():
+        return tensor.uniform_(-bound, bound).erfinv_().mul_(std * math.sqrt(2.0)).clamp_(-2.0 * std, 2.0 * std)
+
+
 def lecun_normal_(weight: torch.Tensor) -> torch.Tensor:
     """Flax's default kernel init (`lecun_normal`): a normal truncated at ±2 std whose std is rescaled so the
     truncated draw has variance 1/fan_in. The fan-in of a (out, in, ...) torch weight is one output's size."""
-    std = math.sqrt(1.0 / weight[0].numel()) / .87962566103423978
-    return nn.init.trunc_normal_(weight, std=std, a=-2.0 * std, b=2.0 * std)
+    return truncated_normal_(weight, math.sqrt(1.0 / weight[0].numel()) / .87962566103423978)

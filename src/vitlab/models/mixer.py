@@ -24,8 +24,8 @@ from torch.utils.checkpoint import checkpoint
 from vitlab.errors import VitlabError
 from vitlab.models.checks import (require_class_count, require_positive_int, require_positive_number,
                                   require_probability)
-from vitlab.models.layers import DropPath, Mlp, lecun_normal_
-from vitlab.models.vit import PatchEmbed, to_2tuple
+from vitlab.models.layers import DropPath, Mlp, lecun_normal_, to_2tuple
+from vitlab.models.vit import PatchEmbed
 
 
 @dataclass(frozen=True)

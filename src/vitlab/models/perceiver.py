@@ -30,9 +30,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vitlab.errors import VitlabError
-from vitlab.models.checks import (require_class_count, require_positive_int, require_positive_number)
-from vitlab.models.layers import Mlp, lecun_normal_
-from vitlab.models.vit import Block, to_2tuple
+from vitlab.models.checks import require_class_count, require_positive_int, require_positive_number
+from vitlab.models.layers import Mlp, lecun_normal_, to_2tuple, truncated_normal_
+from vitlab.models.vit import Block
 
 
 @dataclass(frozen=True)
@@ -208,7 +208,7 @@ class Perceiver(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """Latents: truncated normal, std 0.02, bounds ±2 std (Appendix C); LeCun-normal linears, zero biases."""
-        nn.init.trunc_normal_(self.latents, std=0.02, a=-0.04, b=0.04)
+        truncated_normal_(self.latents, 0.02)
         for module in [*self.cross_attends.modules(), *self.towers.modules()]:
             if isinstance(module, nn.Linear):
                 lecun_normal_(module.weight)
