@@ -17,6 +17,7 @@ from vitlab.errors import TrainingDiverged, VitlabError
 COMMANDS: dict[str, str] = {
     "models": "vitlab.commands.models",
     "convert": "vitlab.commands.convert",
+    "export": "vitlab.commands.export",
     "train": "vitlab.commands.train",
     "evaluate": "vitlab.commands.evaluate",
     "demo": "vitlab.commands.demo",

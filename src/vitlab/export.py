@@ -34,6 +34,14 @@ def require_onnxruntime() -> ModuleType:
     return onnxruntime
 
 
+def writable_path(path: str | os.PathLike[str]) -> Path:
+    """`path` as a Path, after checking that its directory exists (so a long export does not fail at the end)."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise VitlabError(f"{path}: the directory {path.parent} does not exist")
+    return path
+
+
 def _bicubic_antialiased(g: Any, x: Any, output_size: Any, *_: Any) -> Any:
     """ONNX for `aten::_upsample_bicubic2d_aa`, which torch's exporter lacks: PyTorch's antialiased bicubic is
     PIL's (a = -0.5, half-pixel centres, weights renormalised over the taps inside the image)."""
@@ -54,9 +62,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], opset: int = OPS
         import onnx  # noqa: F401  (torch's exporter imports it; fail with the extra's name, not torch's message)
     except ImportError:
         raise VitlabError("ONNX export needs the onnx package: pip install 'vitlab[export]'") from None
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise VitlabError(f"{path}: the directory {path.parent} does not exist")
+    path = writable_path(path)
     config = model.config
     axes = {0: "batch", 2: "height", 3: "width"} if isinstance(model, VisionTransformer) else {0: "batch"}
     sample = torch.zeros(2, config.in_chans, *config.img_size)  # batch 2: a batch of 1 can be folded into shapes

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from vitlab.errors import VitlabError
-from vitlab.export import INPUT_NAME, export_onnx, require_onnxruntime
+from vitlab.export import INPUT_NAME, export_onnx, require_onnxruntime, writable_path
 
 QUANTIZE_MODES = ("int8",)
 
@@ -29,8 +29,9 @@ def check_quantize_mode(mode: str) -> None:
         raise VitlabError(f"quantize must be one of {QUANTIZE_MODES}, got {mode!r}")
 
 
-def quantize_onnx(source: str | Path, target: str | Path) -> Path:
-    """Rewrite an fp32 ONNX graph from `export_onnx` with dynamic int8 MatMul/Gemm layers."""
+def export_int8_onnx(model: nn.Module, path: str | Path) -> Path:
+    """Write `model` as an ONNX graph (dynamic axes as `export_onnx`) whose MatMul/Gemm layers are dynamic int8."""
+    path = writable_path(path)
     require_onnxruntime()
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -38,11 +39,13 @@ def quantize_onnx(source: str | Path, target: str | Path) -> Path:
     level = root.level
     root.setLevel(logging.ERROR)  # the quantiser logs a pre-processing hint on the root logger for every call
     try:
-        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True,
-                         op_types_to_quantize=["MatMul", "Gemm"])
+        with tempfile.TemporaryDirectory(prefix="vitlab-int8-") as folder:
+            fp32 = export_onnx(model, Path(folder) / "fp32.onnx")
+            quantize_dynamic(str(fp32), str(path), weight_type=QuantType.QInt8, per_channel=True,
+                             op_types_to_quantize=["MatMul", "Gemm"])
     finally:
         root.setLevel(level)
-    return Path(target)
+    return path
 
 
 class OnnxRuntimeModel(nn.Module):
@@ -70,8 +73,6 @@ class OnnxRuntimeModel(nn.Module):
 def quantize_model(model: nn.Module, mode: str = "int8", threads: int | None = None) -> OnnxRuntimeModel:
     """`model` with dynamic int8 dense layers, for CPU inference; `model` itself is left unchanged."""
     check_quantize_mode(mode)
-    require_onnxruntime()
     with tempfile.TemporaryDirectory(prefix="vitlab-int8-") as folder:
-        fp32 = export_onnx(model, Path(folder) / "fp32.onnx")
-        graph = quantize_onnx(fp32, Path(folder) / "int8.onnx").read_bytes()
+        graph = export_int8_onnx(model, Path(folder) / "int8.onnx").read_bytes()
     return OnnxRuntimeModel(graph, model.config, threads)
