@@ -16,7 +16,8 @@ from vitlab.models.mixer import MixerConfig, MlpMixer
 from vitlab.models.registry import config_from_dict, config_to_dict, create_model, list_models
 from vitlab.train.config import TrainConfig
 from vitlab.train.loop import Trainer
-from vitlab.weights import npz, npz_mixer
+from vitlab.weights import mixer as mixer_weights
+from vitlab.weights import npz
 
 # Parameter counts with the 1000-class head; each equals timm's `mixer_*_224`. Without the head they are the
 # paper's Table 1 sizes: S/16 18.0M, S/32 18.6M, B/16 59.1M, B/32 59.5M, L/16 207.2M, L/32 205.9M.
@@ -77,7 +78,10 @@ def test_logits_equal_timm_on_the_same_weights() -> None:
             elif "norm" in name:
                 parameter.normal_(1.0 if name.endswith("weight") else 0.0, 0.1)
     model = create_model("mixer-b16").eval()
-    model.load_state_dict(reference.state_dict(), strict=True)
+    state = reference.state_dict()
+    assert mixer_weights.looks_like_timm(set(state))
+    assert mixer_weights.config_from_state_dict(state, "timm") == model.config
+    model.load_state_dict(state, strict=True)
     image = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         expected = reference(image)
@@ -92,7 +96,7 @@ def test_logits_equal_timm_on_the_same_weights() -> None:
 
 def test_npz_round_trip_in_the_official_layout(tmp_path: Path) -> None:
     model = random_mixer()
-    arrays = npz_mixer.from_state_dict(model.state_dict(), model.config)
+    arrays = mixer_weights.from_state_dict(model.state_dict(), model.config)
     assert set(arrays) == {
         "stem/kernel", "stem/bias", "pre_head_layer_norm/scale", "pre_head_layer_norm/bias", "head/kernel",
         "head/bias", *(f"MixerBlock_{i}/{part}" for i in range(2) for part in (
@@ -105,7 +109,7 @@ def test_npz_round_trip_in_the_official_layout(tmp_path: Path) -> None:
     path = tmp_path / "Mixer-T_4.npz"
     npz.write_npz(path, arrays)
 
-    state, config = npz_mixer.to_state_dict(npz.read_npz(path), str(path))
+    state, config = mixer_weights.to_state_dict(npz.read_npz(path), str(path))
     assert config == model.config
     loaded = MlpMixer(config).eval()
     loaded.load_state_dict(state, strict=True)
@@ -116,24 +120,24 @@ def test_npz_round_trip_in_the_official_layout(tmp_path: Path) -> None:
 
 def test_npz_prefixes_bf16_and_errors() -> None:
     model = random_mixer()
-    arrays = npz_mixer.from_state_dict(model.state_dict(), model.config)
+    arrays = mixer_weights.from_state_dict(model.state_dict(), model.config)
     headless = {f"params/{key}": value for key, value in arrays.items() if not key.startswith("head/")}
-    state, config = npz_mixer.to_state_dict(headless, "prefixed")
+    state, config = mixer_weights.to_state_dict(headless, "prefixed")
     assert config.num_classes == 0 and "head.weight" not in state
     assert torch.equal(state["blocks.1.mlp_tokens.fc2.weight"], model.blocks[1].mlp_tokens.fc2.weight)
 
     ml_dtypes = pytest.importorskip("ml_dtypes")
     bf16 = {key: value.astype(ml_dtypes.bfloat16) for key, value in arrays.items()}
-    state, _ = npz_mixer.to_state_dict(bf16, "bf16")
+    state, _ = mixer_weights.to_state_dict(bf16, "bf16")
     assert torch.allclose(state["stem.proj.weight"], model.stem.proj.weight, rtol=1e-2, atol=1e-2)
 
     with pytest.raises(VitlabError, match="extra.*no vitlab MLP-Mixer parameter takes"):
-        npz_mixer.to_state_dict({**arrays, "MixerBlock_0/extra": np.zeros(3, np.float32)}, "extra")
+        mixer_weights.to_state_dict({**arrays, "MixerBlock_0/extra": np.zeros(3, np.float32)}, "extra")
     with pytest.raises(VitlabError, match="missing array 'MixerBlock_1/LayerNorm_1/bias'"):
-        npz_mixer.to_state_dict({k: v for k, v in arrays.items() if k != "MixerBlock_1/LayerNorm_1/bias"}, "f")
+        mixer_weights.to_state_dict({k: v for k, v in arrays.items() if k != "MixerBlock_1/LayerNorm_1/bias"}, "f")
     with pytest.raises(VitlabError, match="not an MLP-Mixer checkpoint"):
-        npz_mixer.to_state_dict({"embedding/kernel": np.zeros((4, 4, 3, 8), np.float32)}, "vit.npz")
-    assert npz_mixer.find_prefix(arrays) == "" and npz_mixer.find_prefix({"cls": np.zeros(1)}) is None
+        mixer_weights.to_state_dict({"embedding/kernel": np.zeros((4, 4, 3, 8), np.float32)}, "vit.npz")
+    assert mixer_weights.is_mixer_npz(headless) and not mixer_weights.is_mixer_npz({"cls": np.zeros(1)})
 
 
 def test_other_input_sizes_are_refused() -> None:

@@ -1,7 +1,8 @@
-"""Google's MLP-Mixer `.npz` checkpoints (`gs://mixer_models/...`, vision_transformer's `models_mixer.py`) ⇄ vitlab
-state dicts.
+"""MLP-Mixer weights: Google's `.npz` checkpoints (`gs://mixer_models/...`, vision_transformer's `models_mixer.py`)
+and timm state dicts ⇄ vitlab.
 
-The Flax names map one to one onto vitlab's (timm's) modules:
+vitlab's Mixer uses timm's module names, so a timm `mixer_*` state dict is already in vitlab's layout and only its
+config has to be read from the shapes. The Flax names map one to one onto those modules:
     stem/{kernel,bias}                                  (P, P, C, D) HWIO  → stem.proj (D, C, P, P)
     MixerBlock_i/LayerNorm_0/{scale,bias}                                  → blocks.i.norm1
     MixerBlock_i/token_mixing/Dense_{0,1}/{kernel,bias}  (in, out)         → blocks.i.mlp_tokens.fc{1,2} (out, in)
@@ -38,12 +39,41 @@ def find_prefix(arrays: dict[str, Any]) -> str | None:
     return next((prefix for prefix in PREFIXES if f"{prefix}{MARKER}" in arrays), None)
 
 
-def to_state_dict(arrays: dict[str, np.ndarray], source: str) -> tuple[dict[str, torch.Tensor], MixerConfig]:
-    """Convert a Mixer checkpoint's arrays to a vitlab state dict and the MixerConfig they describe.
+def is_mixer_npz(arrays: dict[str, Any]) -> bool:
+    return find_prefix(arrays) is not None
 
-    The image size follows from the token MLP's input width (the patch count), taken as a square grid, as every
-    published Mixer is.
-    """
+
+def looks_like_timm(keys: set[str]) -> bool:
+    """timm's (and vitlab's) Mixer state-dict keys."""
+    return {"stem.proj.weight", "blocks.0.mlp_tokens.fc1.weight"} <= keys
+
+
+def config_from_state_dict(state: dict[str, torch.Tensor], source: str) -> MixerConfig:
+    """The MixerConfig a vitlab-layout state dict describes. Every field but the regularisation follows from the
+    shapes; the image size from the token MLP's input width (the patch count), taken as a square grid, as every
+    published Mixer is."""
+    try:
+        stem = state["stem.proj.weight"]
+        tokens, channels = state["blocks.0.mlp_tokens.fc1.weight"], state["blocks.0.mlp_channels.fc1.weight"]
+        head = state.get("head.weight")
+        if stem.ndim != 4 or stem.shape[2] != stem.shape[3] or tokens.ndim != 2 or channels.ndim != 2:
+            raise VitlabError("stem.proj.weight must be (D, C, P, P) and the MLP weights matrices")
+        depth = len({key.split(".")[1] for key in state if key.startswith("blocks.")})
+        side = math.isqrt(tokens.shape[1])
+        if side * side != tokens.shape[1]:
+            raise VitlabError(f"the token MLP mixes {tokens.shape[1]} patches, which is not a square grid")
+        patch = stem.shape[2]
+        return MixerConfig(img_size=(side * patch, side * patch), patch_size=patch, in_chans=stem.shape[1],
+                           num_classes=0 if head is None else head.shape[0], embed_dim=stem.shape[0], depth=depth,
+                           tokens_mlp_dim=tokens.shape[0], channels_mlp_dim=channels.shape[0])
+    except KeyError as error:
+        raise VitlabError(f"{source}: not an MLP-Mixer state dict: no {error.args[0]!r}") from None
+    except VitlabError as error:
+        raise VitlabError(f"{source}: the weights describe an invalid MLP-Mixer ({error})") from None
+
+
+def to_state_dict(arrays: dict[str, np.ndarray], source: str) -> tuple[dict[str, torch.Tensor], MixerConfig]:
+    """Convert a Mixer checkpoint's arrays to a vitlab state dict and the MixerConfig they describe."""
     prefix = find_prefix(arrays)
     if prefix is None:
         raise VitlabError(f"{source}: not an MLP-Mixer checkpoint: no {MARKER!r} under any of the prefixes "
@@ -64,7 +94,7 @@ def _convert(reader: _Reader, arrays: dict[str, np.ndarray], source: str
     if kernel.ndim != 4 or kernel.shape[0] != kernel.shape[1]:
         raise VitlabError(f"{source}: 'stem/kernel' has shape {kernel.shape}; expected a square (P, P, C, D) "
                           "convolution kernel")
-    patch, _, in_chans, dim = kernel.shape
+    dim = kernel.shape[3]
     state: dict[str, torch.Tensor] = {
         "stem.proj.weight": _tensor(kernel.transpose(3, 2, 0, 1)),
         "stem.proj.bias": _tensor(reader.take("stem/bias").reshape(dim)),
@@ -85,28 +115,15 @@ def _convert(reader: _Reader, arrays: dict[str, np.ndarray], source: str
                 state[f"{out}{name}.fc{j + 1}.bias"] = _tensor(reader.take(dense + "bias").reshape(-1))
     state["norm.weight"] = _tensor(reader.take("pre_head_layer_norm/scale").reshape(dim))
     state["norm.bias"] = _tensor(reader.take("pre_head_layer_norm/bias").reshape(dim))
-    num_classes = 0
     if reader.has("head/kernel"):
-        head_kernel = reader.take("head/kernel")
-        num_classes = head_kernel.shape[1]
-        state["head.weight"] = _tensor(head_kernel.T)
+        state["head.weight"] = _tensor(reader.take("head/kernel").T)
         state["head.bias"] = _tensor(reader.take("head/bias").reshape(-1))
 
     unused = reader.unused()
     if unused:
         raise VitlabError(f"{source}: {len(unused)} array(s) that no vitlab MLP-Mixer parameter takes: "
                           f"{describe_keys(unused, {key: arrays[key].shape for key in unused})}")
-    tokens = state["blocks.0.mlp_tokens.fc1.weight"]
-    side = math.isqrt(tokens.shape[1])
-    if side * side != tokens.shape[1]:
-        raise VitlabError(f"{source}: the token MLP mixes {tokens.shape[1]} patches, which is not a square grid")
-    try:
-        config = MixerConfig(img_size=(side * patch, side * patch), patch_size=patch, in_chans=in_chans,
-                             num_classes=num_classes, embed_dim=dim, depth=depth, tokens_mlp_dim=tokens.shape[0],
-                             channels_mlp_dim=state["blocks.0.mlp_channels.fc1.weight"].shape[0])
-    except VitlabError as error:
-        raise VitlabError(f"{source}: the weights describe an invalid MLP-Mixer ({error})") from None
-    return state, config
+    return state, config_from_state_dict(state, source)
 
 
 def from_state_dict(state: dict[str, torch.Tensor], config: MixerConfig) -> dict[str, np.ndarray]:
