@@ -120,6 +120,8 @@ def from_state_dict(state: dict[str, torch.Tensor], config: ViTConfig) -> dict[s
 
 
 def _check_expressible(config: ViTConfig) -> None:
+    if config.hybrid_layers is not None:
+        raise VitlabError("HF ViT has no ResNet stem; a hybrid model cannot be written as HF")
     if config.pool != "token":
         raise VitlabError("HF ViT classifies the class token; a model with pool='gap' cannot be written as HF")
     if config.posemb != "learned":

@@ -2,8 +2,10 @@
 
 Formats: vitlab safetensors (config in the "vitlab_config" metadata; training checkpoints keep the weights
 under `model/`), Google `.npz`, timm (`.safetensors`, or `.pth`/`.bin` read tensor-only), and Hugging Face
-model directories. Position embeddings are resampled to the model's grid: with the official bilinear
-(align_corners=True) mode for `.npz`, as the official fine-tuning code does, else with the model's own mode.
+model directories. Each model family has its own converters (`npz`, `timm` and `hf` for the ViT and its hybrid,
+`resnet` for BiT); a file is read into its family's vitlab layout and loads only into a model of that family.
+Position embeddings are resampled to the model's grid: with the official bilinear (align_corners=True) mode for
+`.npz`, as the official fine-tuning code does, else with the model's own mode.
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ from torch import nn
 
 from vitlab.errors import VitlabError
 from vitlab.models.layers import resample_position_embedding
-from vitlab.models.registry import apply_overrides, build_model, config_from_dict, config_to_dict, model_config
+from vitlab.models.registry import (apply_overrides, build_model, config_from_dict, config_to_dict, family_of,
+                                    model_config)
+from vitlab.models.resnet import ResNetConfig
 from vitlab.models.vit import ViTConfig
-from vitlab.weights import hf, npz, timm
+from vitlab.weights import hf, npz, resnet, timm
 from vitlab.weights.files import describe_keys, load_torch_tensors, read_safetensors, write_safetensors
 
 FORMATS = ("vitlab", "npz", "timm", "hf")
@@ -33,8 +37,11 @@ RUN_FILES = ("best.safetensors", "last.safetensors")
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 # What `load_model(path, model_name)` takes from the file rather than from the named model.
 _FILE_FIELDS_WITH_NAME = ("num_classes", "img_size", "representation_size", "pool", "qkv_bias")
-# What must agree between a file that records its config and a model name given with it.
-_ARCHITECTURE_FIELDS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_dim")
+# What must agree, per family, between a file that records its config and a model name given with it.
+_ARCHITECTURE_FIELDS = {"vit": ("patch_size", "embed_dim", "depth", "num_heads", "mlp_dim", "hybrid_layers"),
+                        "resnet": ("layers", "width", "stem", "preact")}
+# Head weights: a linear head, and the ResNet's 1×1-convolution head (timm's and BiT's).
+_HEAD_WEIGHTS = ("head.weight", "head.fc.weight")
 
 
 @dataclass
@@ -44,10 +51,11 @@ class WeightFile:
     path: Path
     format: str
     state_dict: dict[str, torch.Tensor]
-    fields: dict[str, Any]  # ViTConfig fields the file determines
+    fields: dict[str, Any]  # config fields the file determines
     config: Any | None  # the complete model config, when the file records or implies one
     grid: tuple[int, int] | None  # patch grid the position embedding was trained at, when known
     resample: str | None = None  # position-embedding resample mode the format prescribes
+    family: str = "vit"  # the registry family whose layout `state_dict` is in
 
 
 def resolve_path(path: str | os.PathLike[str]) -> Path:
@@ -73,7 +81,10 @@ def read_weights(path: str | os.PathLike[str]) -> WeightFile:
         return WeightFile(path, "hf", state, fields, _complete_config(fields, source), _grid_of(fields))
     suffix = path.suffix.lower()
     if suffix == ".npz":
-        state, fields, grid = npz.to_state_dict(npz.read_npz(path), source)
+        arrays = npz.read_npz(path)
+        if resnet.is_bit_npz(arrays):
+            return _resnet_file(path, "npz", *resnet.bit_to_state_dict(arrays, source))
+        state, fields, grid = npz.to_state_dict(arrays, source)
         return WeightFile(path, "npz", state, fields, _complete_config(fields, source), grid, "official")
     if suffix == ".safetensors":
         tensors, metadata = read_safetensors(path)
@@ -89,8 +100,12 @@ def read_weights(path: str | os.PathLike[str]) -> WeightFile:
         state, file_format = hf.to_state_dict(timm.strip_wrapper_prefix(tensors), source), "hf"
     elif timm.looks_like_timm(keys):
         state, file_format = timm.to_state_dict(tensors, source), "timm"
+    elif resnet.looks_like_timm(keys):
+        state = timm.strip_wrapper_prefix(tensors)
+        return _resnet_file(path, "timm", state, resnet.config_from_state_dict(state, source))
     else:
-        raise VitlabError(f"{path}: keys match neither timm nor Hugging Face ViT: {describe_keys(sorted(keys))}")
+        raise VitlabError(f"{path}: keys match neither timm nor Hugging Face ViT, nor timm's BiT ResNet: "
+                          f"{describe_keys(sorted(keys))}")
     fields, grid = _shape_fields(state, source)
     return WeightFile(path, file_format, state, fields, None, grid)
 
@@ -105,7 +120,15 @@ def _vitlab_file(path: Path, tensors: dict[str, torch.Tensor], config_json: str)
         if not tensors:
             raise VitlabError(f"{path}: a vitlab checkpoint with prefixed keys but no {MODEL_PREFIX!r} weights")
     fields = {field.name: getattr(config, field.name) for field in dataclasses.fields(config)}
-    return WeightFile(path, "vitlab", tensors, fields, config, getattr(config, "grid_size", None))
+    return WeightFile(path, "vitlab", tensors, fields, config, getattr(config, "grid_size", None),
+                      family=family_of(config))
+
+
+def _resnet_file(path: Path, file_format: str, state: dict[str, torch.Tensor], config: ResNetConfig) -> WeightFile:
+    """A ResNet's weights fix every field but the image size, which only says what size data is prepared at."""
+    fields = {field.name: getattr(config, field.name) for field in dataclasses.fields(config)
+              if field.name != "img_size"}
+    return WeightFile(path, file_format, state, fields, config, None, family="resnet")
 
 
 def _complete_config(fields: dict[str, Any], source: str) -> ViTConfig | None:
@@ -133,7 +156,10 @@ def _shape_fields(state: dict[str, torch.Tensor], source: str = "weights"
     for key, ndim in (("head.weight", 2), ("pre_logits.fc.weight", 2), ("pos_embed", 3)):
         if key in state and state[key].ndim != ndim:
             raise VitlabError(f"{source}: {key} has shape {tuple(state[key].shape)}; expected {ndim} dimensions")
-    patch = state["patch_embed.proj.weight"].shape[2]
+    hybrid_layers = resnet.stage_depths(state, "patch_embed.backbone.", source) or None
+    stride = state["patch_embed.proj.weight"].shape[2]  # pixels per token: the patch, times a hybrid stem's stride
+    if hybrid_layers is not None:
+        stride *= ResNetConfig(layers=hybrid_layers, stem="same").stride
     class_token = "cls_token" in state
     fields: dict[str, Any] = {
         "pool": "token" if class_token else "gap", "qkv_bias": "blocks.0.attn.qkv.bias" in state,
@@ -146,7 +172,7 @@ def _shape_fields(state: dict[str, torch.Tensor], source: str = "weights"
         side = math.isqrt(max(rows, 0))
         if side * side == rows:
             grid = (side, side)
-            fields["img_size"] = (side * patch, side * patch)
+            fields["img_size"] = (side * stride, side * stride)
     return fields, grid
 
 
@@ -188,16 +214,18 @@ def _fit_head(state: dict[str, torch.Tensor], target: dict[str, torch.Tensor], m
         for key in [key for key in state if key.startswith(("pre_logits.", "head."))]:
             del state[key]
         dropped = True
-    file_head, model_head = state.get("head.weight"), target.get("head.weight")
-    file_shape = None if file_head is None else tuple(file_head.shape)
-    model_shape = None if model_head is None else tuple(model_head.shape)
+    file_key = next((key for key in _HEAD_WEIGHTS if key in state), None)
+    model_key = next((key for key in _HEAD_WEIGHTS if key in target), None)
+    file_shape = None if file_key is None else tuple(state[file_key].shape)
+    model_shape = None if model_key is None else tuple(target[model_key].shape)
     if not dropped and file_shape != model_shape:
         if not reset_head:
-            def describe(shape: tuple[int, ...] | None) -> str:
-                return "no head" if shape is None else f"head.weight {shape} ({shape[0]} classes)"
+            def describe(key: str | None, shape: tuple[int, ...] | None) -> str:
+                return "no head" if shape is None else f"{key} {shape} ({shape[0]} classes)"
 
-            raise VitlabError(f"{path}: head does not match: checkpoint has {describe(file_shape)}, model has "
-                              f"{describe(model_shape)}; pass reset_head=True to keep a new zero-initialised head")
+            raise VitlabError(f"{path}: head does not match: checkpoint has {describe(file_key, file_shape)}, "
+                              f"model has {describe(model_key, model_shape)}; pass reset_head=True to keep a new "
+                              "zero-initialised head")
         for key in [key for key in state if key.startswith("head.")]:
             del state[key]
         dropped = True
@@ -233,6 +261,10 @@ def _check_keys(state: dict[str, torch.Tensor], target: dict[str, torch.Tensor],
 def _fitted_state(model: nn.Module, file: WeightFile, reset_head: bool, strict: bool
                   ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The file's state fitted to the model (position embedding resampled, head dropped if allowed), checked."""
+    family = family_of(model.config)
+    if family != file.family:
+        raise VitlabError(f"{file.path} holds {file.family} weights ({file.format}); the model is a {family} "
+                          f"({type(model).__name__})")
     state = dict(file.state_dict)
     target = model.state_dict()
     _fit_position_embedding(state, model, file)
@@ -271,8 +303,11 @@ def load_model(path: str | os.PathLike[str], model_name: str | None = None, **ov
     if file.config is not None:
         config = file.config
         if model_name is not None:
-            _check_named(config, model_name, file.path)
+            _check_named(config, model_name, file.path, file.family)
+            if "img_size" not in file.fields:  # a ResNet's weights do not say what size its data has
+                config = dataclasses.replace(config, img_size=model_config(model_name).img_size)
     elif model_name is not None:
+        _check_named(None, model_name, file.path, file.family)
         config = apply_overrides(model_config(model_name),
                                  {key: file.fields[key] for key in _FILE_FIELDS_WITH_NAME if key in file.fields})
     elif file.format in ("npz", "hf"):
@@ -288,10 +323,16 @@ def load_model(path: str | os.PathLike[str], model_name: str | None = None, **ov
     return _load_into(_uninitialised_model(config, file, reset_head), file, reset_head=reset_head, strict=True)
 
 
-def _check_named(config: Any, model_name: str, path: Path) -> None:
+def _check_named(config: Any, model_name: str, path: Path, family: str) -> None:
+    """Refuse a model name of another family or, when the file records its config, another architecture."""
     named = model_config(model_name)
+    if family_of(named) != family:
+        raise VitlabError(f"{path} holds {family} weights, not a {model_name} ({family_of(named)})")
+    if config is None:
+        return
     differ = [f"{field} {getattr(config, field, None)} (file) vs {getattr(named, field, None)}"
-              for field in _ARCHITECTURE_FIELDS if getattr(config, field, None) != getattr(named, field, None)]
+              for field in _ARCHITECTURE_FIELDS.get(family, ())
+              if getattr(config, field, None) != getattr(named, field, None)]
     if differ:
         raise VitlabError(f"{path} does not hold a {model_name}: {', '.join(differ)}")
 
@@ -323,8 +364,8 @@ def save_weights(model: nn.Module, path: str | os.PathLike[str], format: str = "
     """Write `model`'s weights atomically; returns the path written.
 
     `vitlab`: one safetensors file whose metadata holds the config; `timm`: safetensors under timm's keys;
-    `npz`: Google's VT/AugReg layout; `hf`: a directory `transformers.ViTForImageClassification` (or `ViTModel`
-    without a head) opens with `from_pretrained`.
+    `npz`: Google's VT/AugReg layout (BiT's for a ResNet); `hf`: a directory
+    `transformers.ViTForImageClassification` (or `ViTModel` without a head) opens with `from_pretrained`.
     """
     if format not in FORMATS:
         raise VitlabError(f"unknown weight format {format!r}; choose one of {', '.join(FORMATS)}")
@@ -333,6 +374,12 @@ def save_weights(model: nn.Module, path: str | os.PathLike[str], format: str = "
     state = {key: value.detach() for key, value in model.state_dict().items()}
     if format == "vitlab":
         write_safetensors(path, state, {CONFIG_METADATA_KEY: json.dumps(config_to_dict(config))})
+        return path
+    if isinstance(config, ResNetConfig) and format != "hf":
+        if format == "timm":  # vitlab's ResNet keys are timm's
+            write_safetensors(path, state, {"format": "pt"})
+        else:
+            npz.write_npz(path, resnet.bit_from_state_dict(state, config))
         return path
     if not isinstance(config, ViTConfig):
         raise VitlabError(f"{format} weights exist only for ViT models, not {type(config).__name__}")

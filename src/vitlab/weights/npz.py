@@ -3,8 +3,9 @@
 Reading accepts every ViT layout the published files use: the pre-linen VT/AugReg names (sub-modules numbered
 MultiHeadDotProductAttention_1 / LayerNorm_2 / MlpBlock_3), big_vision's linen names (numbered 0 / 1 / 0, a
 top-level `pos_embedding` without a class-token row, optionally one scanned `encoderblock` whose arrays carry a
-leading depth axis), the `opt/target/`, `params/` and `params/img/` prefixes, and bfloat16 arrays. Writing
-produces the VT/AugReg layout, which is what the official repository's `checkpoint.load` reads.
+leading depth axis), the `opt/target/`, `params/` and `params/img/` prefixes, and bfloat16 arrays, and the
+hybrid's ResNet stem (`conv_root`, `block{s}/unit{u}/...`, as in `R50+ViT-B_16.npz`). Writing produces the VT/AugReg
+layout, which is what the official repository's `checkpoint.load` reads.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 from vitlab.errors import VitlabError
+from vitlab.models.resnet import ResNetConfig
 from vitlab.models.vit import ViTConfig
 from vitlab.weights.files import atomic_writer, describe_keys
 
@@ -104,6 +106,82 @@ def _tensor(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
+def conv_from_hwio(kernel: np.ndarray) -> torch.Tensor:
+    """A Flax (H, W, in, out) convolution kernel as torch's (out, in, H, W)."""
+    if kernel.ndim != 4:
+        raise ValueError(f"expected a 4-d HWIO kernel, got shape {kernel.shape}")
+    return _tensor(kernel.transpose(3, 2, 0, 1))
+
+
+def conv_to_hwio(weight: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(weight.detach().to("cpu", torch.float32).numpy().transpose(2, 3, 1, 0))
+
+
+def vector(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().to("cpu", torch.float32).numpy().copy()
+
+
+def unit_counts(reader: _Reader, pattern: str, source: str) -> list[int]:
+    """Units per ResNet stage from names matching `pattern` (groups: stage, unit; both numbered from 1)."""
+    found: dict[int, set[int]] = {}
+    for name in reader.names():
+        if match := re.match(pattern, name):
+            found.setdefault(int(match.group(1)), set()).add(int(match.group(2)))
+    stages = sorted(found)
+    if stages != list(range(1, len(stages) + 1)) or any(found[s] != set(range(1, len(found[s]) + 1)) for s in stages):
+        raise VitlabError(f"{source}: ResNet blocks and units are not numbered from 1 without gaps: "
+                          f"{ {stage: sorted(units) for stage, units in sorted(found.items())} }")
+    return [len(found[stage]) for stage in stages]
+
+
+# The hybrid's ResNet stem (vision_transformer's models_vit.py / models_resnet.py) beside the ViT arrays:
+#   conv_root/kernel, gn_root/{scale,bias}                        → patch_embed.backbone.stem.{conv,norm}
+#   block{s}/unit{u}/conv{1,2,3}/kernel, gn{1,2,3}/{scale,bias}   → ...stages.{s-1}.blocks.{u-1}.{conv,norm}{1,2,3}
+#   block{s}/unit1/conv_proj/kernel, gn_proj/{scale,bias}         → ...stages.{s-1}.blocks.0.downsample.{conv,norm}
+HYBRID_MARKER = "conv_root/kernel"
+_BACKBONE = "patch_embed.backbone."
+
+
+def _hybrid_parts(has_projection: bool) -> list[tuple[str, str, str, str]]:
+    """(npz conv, npz norm, vitlab conv, vitlab norm) names inside one residual unit."""
+    parts = [(f"conv{i}", f"gn{i}", f"conv{i}", f"norm{i}") for i in (1, 2, 3)]
+    return parts + [("conv_proj", "gn_proj", "downsample.conv", "downsample.norm")] if has_projection else parts
+
+
+def _hybrid_to_state_dict(reader: _Reader, source: str) -> tuple[dict[str, torch.Tensor], tuple[int, ...], int]:
+    """The hybrid's ResNet stem as `patch_embed.backbone.*` tensors, its stage depths and its input channels."""
+    stem = reader.take(HYBRID_MARKER)
+    state = {f"{_BACKBONE}stem.conv.weight": conv_from_hwio(stem),
+             f"{_BACKBONE}stem.norm.weight": _tensor(reader.take("gn_root/scale").ravel()),
+             f"{_BACKBONE}stem.norm.bias": _tensor(reader.take("gn_root/bias").ravel())}
+    layers = tuple(unit_counts(reader, r"block(\d+)/unit(\d+)/", source))
+    if not layers:
+        raise VitlabError(f"{source}: a hybrid checkpoint ({reader.prefix + HYBRID_MARKER!r}) without ResNet "
+                          "stages (block1/unit1/...); stem-only hybrids are not supported")
+    for stage, units in enumerate(layers):
+        for unit in range(units):
+            name, out = f"block{stage + 1}/unit{unit + 1}/", f"{_BACKBONE}stages.{stage}.blocks.{unit}."
+            for conv, norm, conv_out, norm_out in _hybrid_parts(reader.has(f"{name}conv_proj/kernel")):
+                state[f"{out}{conv_out}.weight"] = conv_from_hwio(reader.take(f"{name}{conv}/kernel"))
+                state[f"{out}{norm_out}.weight"] = _tensor(reader.take(f"{name}{norm}/scale").ravel())
+                state[f"{out}{norm_out}.bias"] = _tensor(reader.take(f"{name}{norm}/bias").ravel())
+    return state, layers, stem.shape[2]
+
+
+def _hybrid_from_state_dict(state: dict[str, torch.Tensor], layers: tuple[int, ...]) -> dict[str, np.ndarray]:
+    out = {HYBRID_MARKER: conv_to_hwio(state[f"{_BACKBONE}stem.conv.weight"]),
+           "gn_root/scale": vector(state[f"{_BACKBONE}stem.norm.weight"]),
+           "gn_root/bias": vector(state[f"{_BACKBONE}stem.norm.bias"])}
+    for stage, units in enumerate(layers):
+        for unit in range(units):
+            name, src = f"block{stage + 1}/unit{unit + 1}/", f"{_BACKBONE}stages.{stage}.blocks.{unit}."
+            for conv, norm, conv_src, norm_src in _hybrid_parts(f"{src}downsample.conv.weight" in state):
+                out[f"{name}{conv}/kernel"] = conv_to_hwio(state[f"{src}{conv_src}.weight"])
+                out[f"{name}{norm}/scale"] = vector(state[f"{src}{norm_src}.weight"])
+                out[f"{name}{norm}/bias"] = vector(state[f"{src}{norm_src}.bias"])
+    return out
+
+
 def to_state_dict(arrays: dict[str, np.ndarray], source: str
                   ) -> tuple[dict[str, torch.Tensor], dict[str, Any], tuple[int, int] | None]:
     """Convert a checkpoint's arrays to a vitlab state dict.
@@ -118,15 +196,15 @@ def to_state_dict(arrays: dict[str, np.ndarray], source: str
         raise
     except (ValueError, IndexError, TypeError) as error:  # an array whose shape does not fit the others
         where = f" at {reader.last!r} {tuple(arrays[reader.last].shape)}" if reader.last else ""
-        raise VitlabError(f"{source}: the arrays do not form a ViT{where}: {error}") from None
+        kind = "hybrid ViT" if reader.has(HYBRID_MARKER) else "ViT"
+        raise VitlabError(f"{source}: the arrays do not form a {kind}{where}: {error}") from None
 
 
 def _convert(reader: _Reader, arrays: dict[str, np.ndarray], source: str
              ) -> tuple[dict[str, torch.Tensor], dict[str, Any], tuple[int, int] | None]:
-    for marker, reason in (("conv_root/kernel", "hybrid (ResNet stem) ViT checkpoints are not supported"),
-                           ("MAPHead_0/probe", "attention-pooling (MAP) heads are not supported")):
-        if reader.has(marker):
-            raise VitlabError(f"{source}: {reason} (found {reader.prefix + marker!r})")
+    if reader.has("MAPHead_0/probe"):
+        raise VitlabError(f"{source}: attention-pooling (MAP) heads are not supported (found "
+                          f"{reader.prefix + 'MAPHead_0/probe'!r})")
 
     kernel = reader.take("embedding/kernel")
     if kernel.ndim != 4 or kernel.shape[0] != kernel.shape[1]:
@@ -137,6 +215,10 @@ def _convert(reader: _Reader, arrays: dict[str, np.ndarray], source: str
         "patch_embed.proj.weight": _tensor(kernel.transpose(3, 2, 0, 1)),
         "patch_embed.proj.bias": _tensor(reader.take("embedding/bias").reshape(dim)),
     }
+    hybrid_layers = None
+    if reader.has(HYBRID_MARKER):  # the embedding then cuts the stem's feature map, not the image
+        backbone, hybrid_layers, in_chans = _hybrid_to_state_dict(reader, source)
+        state.update(backbone)
     class_token = reader.has("cls")
     if class_token:
         state["cls_token"] = _tensor(reader.take("cls").reshape(1, 1, dim))
@@ -224,10 +306,11 @@ def _convert(reader: _Reader, arrays: dict[str, np.ndarray], source: str
         "patch_size": patch, "in_chans": in_chans, "embed_dim": dim, "depth": depth, "num_heads": num_heads,
         "mlp_dim": state["blocks.0.mlp.fc1.weight"].shape[0], "qkv_bias": qkv_bias,
         "pool": "token" if class_token else "gap", "posemb": "learned" if posemb_key else "sincos2d",
-        "representation_size": representation_size, "num_classes": num_classes,
+        "representation_size": representation_size, "num_classes": num_classes, "hybrid_layers": hybrid_layers,
     }
     if grid is not None:
-        fields["img_size"] = (grid[0] * patch, grid[1] * patch)
+        stride = patch * (1 if hybrid_layers is None else ResNetConfig(layers=hybrid_layers, stem="same").stride)
+        fields["img_size"] = (grid[0] * stride, grid[1] * stride)
     if num_heads * head_dim != dim:
         raise VitlabError(f"{source}: attention has {num_heads} heads of size {head_dim}, which does not "
                           f"match the embedding width {dim}")
@@ -252,6 +335,8 @@ def from_state_dict(state: dict[str, torch.Tensor], config: ViTConfig) -> dict[s
         out["cls"] = array("cls_token")
     if "pos_embed" in state:
         out["Transformer/posembed_input/pos_embedding"] = array("pos_embed")
+    if config.hybrid_layers is not None:
+        out.update(_hybrid_from_state_dict(state, config.hybrid_layers))
     for i in range(config.depth):
         block, src = f"Transformer/encoderblock_{i}/", f"blocks.{i}."
         attn = f"{block}MultiHeadDotProductAttention_{mha}/"

@@ -26,8 +26,13 @@ _UNSUPPORTED = (
     (".q_norm.", "query/key normalisation"),
     (".k_norm.", "query/key normalisation"),
     (".norm.weight", "a norm inside attention or MLP (scale_attn_norm / scale_mlp_norm)"),
-    ("patch_embed.backbone.", "a hybrid (CNN) patch embedding"),
     ("patch_embed.norm.", "a norm after the patch embedding"),
+)
+# The same for the CNN of a hybrid, whose keys (under `patch_embed.backbone.`) the list above does not judge.
+_BACKBONE = "patch_embed.backbone."
+_UNSUPPORTED_BACKBONE = (
+    (_BACKBONE + "conv.", "a stem-only hybrid patch embedding (vitlab's hybrids have ResNet stages)"),
+    (".running_mean", "a BatchNorm CNN (vitlab's hybrid stem uses GroupNorm, as the paper's)"),
 )
 
 
@@ -46,11 +51,13 @@ def strip_wrapper_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 def to_state_dict(state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
     """A timm ViT state dict in vitlab's layout; refuses the timm variants vitlab's ViT cannot compute."""
     state = strip_wrapper_prefix(dict(state))
-    for fragment, feature in _UNSUPPORTED:
-        found = sorted(key for key in state if fragment in key)
-        if found:
-            raise VitlabError(f"{source}: key {found[0]!r} belongs to {feature}, which vitlab's ViT does not "
-                              "implement")
+    backbone = {key for key in state if key.startswith(_BACKBONE)}
+    for keys, unsupported in ((set(state) - backbone, _UNSUPPORTED), (backbone, _UNSUPPORTED_BACKBONE)):
+        for fragment, feature in unsupported:
+            found = sorted(key for key in keys if fragment in key)
+            if found:
+                raise VitlabError(f"{source}: key {found[0]!r} belongs to {feature}, which vitlab's ViT does "
+                                  "not implement")
     weight = state.get("patch_embed.proj.weight")
     if weight is None or weight.ndim != 4:
         raise VitlabError(f"{source}: no 4-d 'patch_embed.proj.weight'; not a timm ViT state dict")
