@@ -17,7 +17,7 @@ from vitlab.models.registry import config_from_dict, config_to_dict, create_mode
 from vitlab.train.config import TrainConfig
 from vitlab.train.loop import Trainer
 from vitlab.weights import mixer as mixer_weights
-from vitlab.weights import npz
+from vitlab.weights import npz, save_weights
 
 # Parameter counts with the 1000-class head; each equals timm's `mixer_*_224`. Without the head they are the
 # paper's Table 1 sizes: S/16 18.0M, S/32 18.6M, B/16 59.1M, B/32 59.5M, L/16 207.2M, L/32 205.9M.
@@ -175,3 +175,13 @@ def test_trains_with_the_trainer(tmp_path: Path) -> None:
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["train_loss"] < records[0]["train_loss"]
     assert result["test_top1"] > 0.3  # chance is 0.1
+
+
+def test_fine_tuning_at_another_resolution_is_refused(tmp_path: Path) -> None:
+    weights = save_weights(random_mixer(dataclasses.replace(TINY, in_chans=1, img_size=8, patch_size=2)),
+                           tmp_path / "mixer.safetensors")
+    config = TrainConfig(init_from=str(weights), dataset="digits", img_size=16, epochs=1, batch_size=64,
+                         out=str(tmp_path / "run"), progress=False)
+    with pytest.raises(VitlabError, match=r"cannot be carried over to img_size=16: blocks\.0\.mlp_tokens\.fc1\.weight "
+                                          r"is \(12, 16\) in the checkpoint but \(12, 64\)"):
+        Trainer(config).fit()

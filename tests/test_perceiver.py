@@ -152,3 +152,13 @@ def test_trains_with_the_trainer(tmp_path: Path) -> None:
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["train_loss"] < records[0]["train_loss"]
     assert result["test_top1"] > 0.3  # chance is 0.1
+
+
+def test_fine_tunes_at_another_resolution(tmp_path: Path) -> None:
+    weights = save_weights(random_perceiver(), tmp_path / "perceiver.safetensors")  # 12 px, 5 classes, RGB
+    config = TrainConfig(init_from=str(weights), dataset="digits", img_size=16, epochs=0.1, batch_size=64,
+                         out=str(tmp_path / "run"), progress=False, threads=1)
+    Trainer(config).fit()
+    tuned = load_model(tmp_path / "run").eval()
+    assert tuned.config.img_size == (16, 16) and tuned.config.num_classes == 10
+    assert tuned(torch.randn(1, 3, 16, 16)).shape == (1, 10)

@@ -95,7 +95,14 @@ class Trainer:
             from vitlab.models.registry import apply_overrides, build_model
 
             model = build_model(apply_overrides(model_cfg, changes))
-            model.load_state_dict(_resampled_state(source, model), strict=True)
+            state, target = _resampled_state(source, model), model.state_dict()
+            differ = [key for key in state if key in target and state[key].shape != target[key].shape]
+            if differ:  # e.g. an MLP-Mixer's token MLP, whose size is the patch count
+                changed = ", ".join(f"{key}={value}" for key, value in changes.items())
+                raise VitlabError(f"{config.init_from}: {type(model).__name__} weights cannot be carried over to "
+                                  f"{changed}: {differ[0]} is {tuple(state[differ[0]].shape)} in the checkpoint but "
+                                  f"{tuple(target[differ[0]].shape)} in the new model")
+            model.load_state_dict(state, strict=True)
         else:
             model = source
         if config.new_head or model.config.num_classes != num_classes:
