@@ -179,9 +179,10 @@ def mean_attention_distance(model: nn.Module, images: torch.Tensor, batch_size: 
     """Per layer and head, the attention-weighted mean pixel distance between query and key patches, (L, H).
 
     The ViT paper's "attention distance" (Fig. 7 right, App. D.7, computed there over 128 images), the analogue
-    of a CNN's receptive field size: for each query patch, the distance (patch-index distance × patch size)
-    to every key patch weighted by attention, then averaged over query patches and images. Prefix tokens have
-    no position, so they are dropped and each query's attention over the patches is re-normalised to sum to 1.
+    of a CNN's receptive field size: for each query patch, the distance (patch-index distance × pixels per
+    patch, which a hybrid's ResNet stem multiplies) to every key patch weighted by attention, then averaged over
+    query patches and images. Prefix tokens have no position, so they are dropped and each query's attention over
+    the patches is re-normalised to sum to 1.
     Images are processed `batch_size` at a time so large models do not hold every map at once.
     """
     images = _check_images(model, images)
@@ -189,7 +190,7 @@ def mean_attention_distance(model: nn.Module, images: torch.Tensor, batch_size: 
         raise VitlabError(f"batch_size must be at least 1, got {batch_size}")
     grid = patch_grid(model, images)
     prefix = model.num_prefix_tokens
-    distances = patch_distances(grid, model.config.patch_size, device=images.device)
+    distances = patch_distances(grid, model.config.stride, device=images.device)
     total: torch.Tensor | None = None
     for start in range(0, images.shape[0], batch_size):
         maps = attention_maps(model, images[start:start + batch_size]).double()[..., prefix:, prefix:]

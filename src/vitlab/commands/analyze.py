@@ -135,12 +135,13 @@ def run(args: argparse.Namespace) -> int:
                                    "with every other patch's.",
                         "data": {"similarity": similarity}})
 
-    components = patch_embedding_components(model, args.components)
-    plots.plot_embedding_components(components.cpu(), out / "embedding_components.png")
-    entries.append({"file": "embedding_components.png", "title": "Patch-embedding filters",
-                    "caption": f"First {components.shape[0]} principal components of the "
-                               f"{config.embed_dim} patch-embedding filters.",
-                    "data": {"components": components}})
+    if config.hybrid_layers is None:  # a hybrid's 1×1 projection filters ResNet channels, not pixels
+        components = patch_embedding_components(model, args.components)
+        plots.plot_embedding_components(components.cpu(), out / "embedding_components.png")
+        entries.append({"file": "embedding_components.png", "title": "Patch-embedding filters",
+                        "caption": f"First {components.shape[0]} principal components of the "
+                                   f"{config.embed_dim} patch-embedding filters.",
+                        "data": {"components": components}})
 
     index = plots.write_index(out, entries, title=f"vitlab analyze {Path(args.checkpoint).name}")
     print(index)

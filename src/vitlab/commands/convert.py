@@ -42,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.input, args.model, **overrides)
     save_weights(model, output, fmt)
     config = model.config
-    print(f"wrote {output} ({fmt}): {config.depth} blocks, width {config.embed_dim}, patch {config.patch_size}, "
+    parameters = sum(parameter.numel() for parameter in model.parameters())
+    print(f"wrote {output} ({fmt}): {type(model).__name__} with {parameters:,} parameters, "
           f"{config.img_size[0]}x{config.img_size[1]} px, {config.num_classes} classes")
     return 0
