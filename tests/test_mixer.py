@@ -17,7 +17,7 @@ from vitlab.models.registry import config_from_dict, config_to_dict, create_mode
 from vitlab.train.config import TrainConfig
 from vitlab.train.loop import Trainer
 from vitlab.weights import mixer as mixer_weights
-from vitlab.weights import npz, save_weights
+from vitlab.weights import load_model, load_weights, npz, save_weights
 
 # Parameter counts with the 1000-class head; each equals timm's `mixer_*_224`. Without the head they are the
 # paper's Table 1 sizes: S/16 18.0M, S/32 18.6M, B/16 59.1M, B/32 59.5M, L/16 207.2M, L/32 205.9M.
@@ -185,3 +185,23 @@ def test_fine_tuning_at_another_resolution_is_refused(tmp_path: Path) -> None:
     with pytest.raises(VitlabError, match=r"cannot be carried over to img_size=16: blocks\.0\.mlp_tokens\.fc1\.weight "
                                           r"is \(12, 16\) in the checkpoint but \(12, 64\)"):
         Trainer(config).fit()
+
+
+def test_load_and_save_through_the_weight_io(tmp_path: Path) -> None:
+    model = random_mixer()
+    image = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = model(image)
+    for name, fmt in (("mixer.npz", "npz"), ("mixer_timm.safetensors", "timm"), ("mixer.safetensors", "vitlab")):
+        loaded = load_model(save_weights(model, tmp_path / name, format=fmt)).eval()
+        assert loaded.config == model.config, fmt
+        with torch.no_grad():
+            assert torch.equal(loaded(image), expected), fmt
+    fresh = load_weights(MlpMixer(dataclasses.replace(TINY, num_classes=3)), tmp_path / "mixer.npz", reset_head=True)
+    assert torch.equal(fresh.blocks[1].mlp_channels.fc2.weight, model.blocks[1].mlp_channels.fc2.weight)
+    with pytest.raises(VitlabError, match="holds mixer weights"):
+        load_weights(create_model("vit-mini-p7-28"), tmp_path / "mixer.npz")
+    with pytest.raises(VitlabError, match="does not hold a mixer-s16: patch_size 4 \\(file\\) vs 16"):
+        load_model(tmp_path / "mixer.npz", "mixer-s16")
+    with pytest.raises(VitlabError, match="hf weights exist only for ViT models"):
+        save_weights(model, tmp_path / "hf", format="hf")

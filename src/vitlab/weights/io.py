@@ -3,7 +3,8 @@
 Formats: vitlab safetensors (config in the "vitlab_config" metadata; training checkpoints keep the weights
 under `model/`), Google `.npz`, timm (`.safetensors`, or `.pth`/`.bin` read tensor-only), and Hugging Face
 model directories. Each model family has its own converters (`npz`, `timm` and `hf` for the ViT and its hybrid,
-`resnet` for BiT); a file is read into its family's vitlab layout and loads only into a model of that family.
+`resnet` for BiT, `mixer` for the MLP-Mixer; the Perceiver has only vitlab files); a file is read into its family's
+vitlab layout and loads only into a model of that family.
 Position embeddings are resampled to the model's grid: with the official bilinear (align_corners=True) mode for
 `.npz`, as the official fine-tuning code does, else with the model's own mode.
 """
@@ -23,11 +24,12 @@ from torch import nn
 
 from vitlab.errors import VitlabError
 from vitlab.models.layers import resample_position_embedding
+from vitlab.models.mixer import MixerConfig
 from vitlab.models.registry import (apply_overrides, build_model, config_from_dict, config_to_dict, family_of,
                                     model_config)
 from vitlab.models.resnet import ResNetConfig
 from vitlab.models.vit import ViTConfig
-from vitlab.weights import hf, npz, resnet, timm
+from vitlab.weights import hf, mixer, npz, resnet, timm
 from vitlab.weights.files import describe_keys, load_torch_tensors, read_safetensors, write_safetensors
 
 FORMATS = ("vitlab", "npz", "timm", "hf")
@@ -39,7 +41,10 @@ TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 _FILE_FIELDS_WITH_NAME = ("num_classes", "img_size", "representation_size", "pool", "qkv_bias")
 # What must agree, per family, between a file that records its config and a model name given with it.
 _ARCHITECTURE_FIELDS = {"vit": ("patch_size", "embed_dim", "depth", "num_heads", "mlp_dim", "hybrid_layers"),
-                        "resnet": ("layers", "width", "stem", "preact")}
+                        "resnet": ("layers", "width", "stem", "preact"),
+                        "mixer": ("patch_size", "embed_dim", "depth", "tokens_mlp_dim", "channels_mlp_dim"),
+                        "perceiver": ("num_latents", "latent_dim", "num_cross_attends", "latent_blocks", "cross_heads",
+                                      "latent_heads", "mlp_ratio", "num_bands", "max_resolution", "share_weights")}
 # Head weights: a linear head, and the ResNet's 1×1-convolution head (timm's and BiT's).
 _HEAD_WEIGHTS = ("head.weight", "head.fc.weight")
 
@@ -84,6 +89,8 @@ def read_weights(path: str | os.PathLike[str]) -> WeightFile:
         arrays = npz.read_npz(path)
         if resnet.is_bit_npz(arrays):
             return _resnet_file(path, "npz", *resnet.bit_to_state_dict(arrays, source))
+        if mixer.is_mixer_npz(arrays):
+            return _mixer_file(path, "npz", *mixer.to_state_dict(arrays, source))
         state, fields, grid = npz.to_state_dict(arrays, source)
         return WeightFile(path, "npz", state, fields, _complete_config(fields, source), grid, "official")
     if suffix == ".safetensors":
@@ -103,9 +110,12 @@ def read_weights(path: str | os.PathLike[str]) -> WeightFile:
     elif resnet.looks_like_timm(keys):
         state = timm.strip_wrapper_prefix(tensors)
         return _resnet_file(path, "timm", state, resnet.config_from_state_dict(state, source))
+    elif mixer.looks_like_timm(keys):
+        state = timm.strip_wrapper_prefix(tensors)
+        return _mixer_file(path, "timm", state, mixer.config_from_state_dict(state, source))
     else:
-        raise VitlabError(f"{path}: keys match neither timm nor Hugging Face ViT, nor timm's BiT ResNet: "
-                          f"{describe_keys(sorted(keys))}")
+        raise VitlabError(f"{path}: keys match neither timm nor Hugging Face ViT, nor timm's BiT ResNet or "
+                          f"MLP-Mixer: {describe_keys(sorted(keys))}")
     fields, grid = _shape_fields(state, source)
     return WeightFile(path, file_format, state, fields, None, grid)
 
@@ -129,6 +139,12 @@ def _resnet_file(path: Path, file_format: str, state: dict[str, torch.Tensor], c
     fields = {field.name: getattr(config, field.name) for field in dataclasses.fields(config)
               if field.name != "img_size"}
     return WeightFile(path, file_format, state, fields, config, None, family="resnet")
+
+
+def _mixer_file(path: Path, file_format: str, state: dict[str, torch.Tensor], config: MixerConfig) -> WeightFile:
+    """A Mixer's weights fix its whole shape, the image size included: the token MLP is as wide as the patch count."""
+    fields = {field.name: getattr(config, field.name) for field in dataclasses.fields(config)}
+    return WeightFile(path, file_format, state, fields, config, config.grid_size, family="mixer")
 
 
 def _complete_config(fields: dict[str, Any], source: str) -> ViTConfig | None:
@@ -364,7 +380,7 @@ def save_weights(model: nn.Module, path: str | os.PathLike[str], format: str = "
     """Write `model`'s weights atomically; returns the path written.
 
     `vitlab`: one safetensors file whose metadata holds the config; `timm`: safetensors under timm's keys;
-    `npz`: Google's VT/AugReg layout (BiT's for a ResNet); `hf`: a directory
+    `npz`: Google's VT/AugReg layout (BiT's for a ResNet, Mixer's for a Mixer); `hf`: a directory
     `transformers.ViTForImageClassification` (or `ViTModel` without a head) opens with `from_pretrained`.
     """
     if format not in FORMATS:
@@ -375,11 +391,12 @@ def save_weights(model: nn.Module, path: str | os.PathLike[str], format: str = "
     if format == "vitlab":
         write_safetensors(path, state, {CONFIG_METADATA_KEY: json.dumps(config_to_dict(config))})
         return path
-    if isinstance(config, ResNetConfig) and format != "hf":
-        if format == "timm":  # vitlab's ResNet keys are timm's
+    if isinstance(config, (ResNetConfig, MixerConfig)) and format != "hf":
+        if format == "timm":  # vitlab's ResNet and Mixer keys are timm's
             write_safetensors(path, state, {"format": "pt"})
         else:
-            npz.write_npz(path, resnet.bit_from_state_dict(state, config))
+            to_arrays = resnet.bit_from_state_dict if isinstance(config, ResNetConfig) else mixer.from_state_dict
+            npz.write_npz(path, to_arrays(state, config))
         return path
     if not isinstance(config, ViTConfig):
         raise VitlabError(f"{format} weights exist only for ViT models, not {type(config).__name__}")
