@@ -10,12 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from vitlab.errors import VitlabError
-from vitlab.train.config import TrainConfig, config_from_json, override, recipe_config
-
-# The paper's fine-tuning (App. B.1.1): SGD momentum 0.9, no weight decay, clip 1, cosine; a new zero head.
-FINETUNE_DEFAULTS: dict[str, Any] = {"optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 0.0,
-                                     "grad_clip": 1.0, "schedule": "cosine", "warmup_epochs": 0.1, "epochs": 1.0,
-                                     "new_head": True, "ema_decay": None, "mixup_alpha": 0.0, "cutmix_alpha": 0.0}
+from vitlab.train.config import FINETUNE_DEFAULTS, TrainConfig, config_from_json, override, recipe_config
 
 
 def add_common_options(parser: argparse.ArgumentParser) -> None:

@@ -131,6 +131,12 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
+# The paper's fine-tuning (App. B.1.1): SGD momentum 0.9, no weight decay, clip 1, cosine; a new zero head.
+FINETUNE_DEFAULTS: dict[str, Any] = {"optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 0.0,
+                                     "grad_clip": 1.0, "schedule": "cosine", "warmup_epochs": 0.1, "epochs": 1.0,
+                                     "new_head": True, "ema_decay": None, "mixup_alpha": 0.0, "cutmix_alpha": 0.0}
+
+
 def recipe_config(name: str) -> TrainConfig:
     if name not in RECIPES:
         raise VitlabError(f"unknown recipe {name!r}; known: {', '.join(RECIPES)}")
