@@ -167,6 +167,18 @@ def test_config_json_round_trip_and_new_head() -> None:
     assert model(torch.randn(1, 3, 16, 16)).shape == (1, 24)
 
 
+def test_gradient_checkpointing_gives_the_same_gradients() -> None:
+    model = random_mixer()
+    images = torch.randn(2, 3, 16, 16)
+    grads = []
+    for enable in (False, True):
+        model.zero_grad()
+        model.set_grad_checkpointing(enable)
+        model(images).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+
+
 def test_trains_with_the_trainer(tmp_path: Path) -> None:
     config = TrainConfig(model="mixer-mini-p4-28", dataset="digits", img_size=8, epochs=2, batch_size=64, lr=3e-3,
                          weight_decay=0.05, warmup_steps=5, out=str(tmp_path), progress=False, eval_every_epochs=1.0,

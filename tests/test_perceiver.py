@@ -107,6 +107,11 @@ def test_shared_cross_attend_reuses_its_weights() -> None:
     model(images).sum().backward()
     # cross-attends 2 and 3 are the same module, so its gradient collects both uses
     assert len(model.cross_attends) == 2 and all(p.grad is not None for p in model.parameters())
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.set_grad_checkpointing()
+    model(images).sum().backward()
+    assert all(torch.allclose(p.grad, g, atol=1e-6) for p, g in zip(model.parameters(), grads))
     unshared = random_perceiver(dataclasses.replace(TINY, share_weights=False))
     assert len(unshared.cross_attends) == 3 and len(unshared.towers) == 3
 
