@@ -2,7 +2,8 @@
 
 from vitlab.models.registry import (build_model, config_from_dict, config_to_dict, create_model, get_spec,
                                     list_models, model_config)
+from vitlab.models.resnet import ResNet, ResNetConfig
 from vitlab.models.vit import ViTConfig, VisionTransformer
 
-__all__ = ["ViTConfig", "VisionTransformer", "build_model", "config_from_dict", "config_to_dict", "create_model",
-           "get_spec", "list_models", "model_config"]
+__all__ = ["ResNet", "ResNetConfig", "ViTConfig", "VisionTransformer", "build_model", "config_from_dict",
+           "config_to_dict", "create_model", "get_spec", "list_models", "model_config"]
