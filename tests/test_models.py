@@ -196,3 +196,11 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
         grads.append([p.grad.clone() for p in model.parameters()])
     for plain, recomputed in zip(*grads):
         torch.testing.assert_close(plain, recomputed, rtol=1e-5, atol=1e-6)
+
+
+def test_patch_kernel_init_is_lecun_normal_truncated_at_two_std() -> None:
+    torch.manual_seed(0)
+    model = vitlab.create_model("vit-b16", num_classes=0)
+    weight = model.patch_embed.proj.weight  # fan-in 3·16·16 = 768
+    assert abs(weight.std().item() - 768 ** -0.5) < 0.01 * 768 ** -0.5
+    assert weight.abs().max().item() <= 2 * 768 ** -0.5 / .87962566103423978 + 1e-7

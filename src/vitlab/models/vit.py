@@ -16,9 +16,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vitlab.errors import VitlabError
-
-from vitlab.models.layers import (RESAMPLE_MODES, Attention, DropPath, Mlp, resample_position_embedding,
-                                  sincos_2d_position_embedding, to_2tuple)
+from vitlab.models.layers import (RESAMPLE_MODES, Attention, DropPath, Mlp, lecun_normal_,
+                                  resample_position_embedding, sincos_2d_position_embedding, to_2tuple)
 from vitlab.models.resnet import ResNet, ResNetConfig
 
 POOLS = ("token", "gap")
@@ -219,8 +218,7 @@ class VisionTransformer(nn.Module):
         """The official (Flax) initialisation: LeCun-normal patch and pre-logits kernels, Xavier-uniform dense
         kernels (q, k and v each as its own D×D matrix), tiny MLP biases, N(0, 0.02) position embeddings and a
         zero class token and head."""
-        fan_in = self.patch_embed.proj.in_channels * self.config.patch_size ** 2
-        nn.init.trunc_normal_(self.patch_embed.proj.weight, std=math.sqrt(1.0 / fan_in) / .87962566103423978)
+        lecun_normal_(self.patch_embed.proj.weight)
         nn.init.zeros_(self.patch_embed.proj.bias)
         if self.pos_embed is not None:
             nn.init.normal_(self.pos_embed, std=0.02)
@@ -237,7 +235,7 @@ class VisionTransformer(nn.Module):
                 nn.init.normal_(linear.bias, std=1e-6)
         if self.pre_logits is not None:
             fc = self.pre_logits.fc
-            nn.init.trunc_normal_(fc.weight, std=math.sqrt(1.0 / fc.in_features) / .87962566103423978)
+            lecun_normal_(fc.weight)
             nn.init.zeros_(fc.bias)
 
     def reset_classifier(self, num_classes: int) -> None:
