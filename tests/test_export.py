@@ -1,0 +1,131 @@
+"""ONNX export (dynamic batch and image size) and int8 inference through ONNX Runtime, against PyTorch fp32."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+import torch
+
+import vitlab
+from helpers import one_error_line, random_model
+from vitlab.cli import main
+from vitlab.data.datasets import load_dataset
+from vitlab.export import INPUT_NAME, export_onnx
+from vitlab.models.quantize import OnnxRuntimeModel, quantize_model
+from vitlab.models.vit import ViTConfig, VisionTransformer
+
+
+@pytest.fixture(scope="module")
+def ort() -> ModuleType:
+    return pytest.importorskip("onnxruntime")
+
+
+def run_onnx(ort: ModuleType, path: Path, images: torch.Tensor) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {INPUT_NAME: images.numpy()})[0]
+
+
+@pytest.mark.parametrize("overrides", [{"posemb_resample": "official"}, {"posemb_resample": "bicubic"},
+                                       {"posemb": "sincos2d", "pool": "gap"}])
+def test_onnx_matches_pytorch_at_two_sizes_and_any_batch(ort: ModuleType, one_thread: None, tmp_path: Path,
+                                                         overrides: dict[str, str]) -> None:
+    model = random_model(ViTConfig(img_size=(32, 32), patch_size=8, embed_dim=32, depth=2, num_heads=4, mlp_dim=64,
+                                   num_classes=5, **overrides))
+    path = export_onnx(model, tmp_path / "model.onnx")
+    # The traced size (4×4 grid), a smaller and non-square one (3×5, the position embeddings resampled inside the
+    # graph) and a larger one, each at a batch size other than the traced one.
+    for batch, height, width in [(1, 32, 32), (3, 24, 40), (2, 48, 56)]:
+        images = torch.randn(batch, 3, height, width)
+        with torch.no_grad():
+            expected = model(images).numpy()
+        got = run_onnx(ort, path, images)
+        assert got.shape == (batch, 5)
+        assert np.abs(got - expected).max() < 1e-4, (height, width)
+
+
+@pytest.fixture(scope="module")
+def digits_model(one_thread: None) -> tuple[VisionTransformer, torch.Tensor, torch.Tensor]:
+    """A ViT trained for a few seconds on scikit-learn's 8×8 digits (about 98% test accuracy), so its top-1
+    predictions mean something, with the whole data set (1,797 images) as inputs."""
+    torch.manual_seed(0)
+    train, test = load_dataset("digits", "train"), load_dataset("digits", "test")
+    images = (torch.cat([test.images, train.images]).float() / 255 - 0.5) / 0.5
+    labels = torch.cat([test.labels, train.labels])
+    train_images, train_labels = images[len(test):], labels[len(test):]
+    model = VisionTransformer(ViTConfig(img_size=8, patch_size=2, in_chans=1, num_classes=10, embed_dim=32, depth=2,
+                                        num_heads=4, mlp_dim=64))
+    steps = 300
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 1e-2, total_steps=steps)
+    for _ in range(steps):
+        batch = torch.randint(len(train_labels), (64,))
+        loss = torch.nn.functional.cross_entropy(model(train_images[batch]), train_labels[batch])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    return model.eval(), images, labels
+
+
+def test_int8_agrees_with_fp32(ort: ModuleType, digits_model: tuple[VisionTransformer, torch.Tensor, torch.Tensor]
+                               ) -> None:
+    model, images, labels = digits_model
+    quantized = quantize_model(model)
+    assert isinstance(quantized, OnnxRuntimeModel) and quantized.config == model.config
+    with torch.no_grad():
+        expected = model(images)
+    got = quantized(images)
+    assert (expected.argmax(1) == labels).float().mean() > 0.9  # the model is worth agreeing with
+    assert (got.argmax(1) == expected.argmax(1)).float().mean() >= 0.99
+    assert (got - expected).norm() / expected.norm() < 0.05
+    # The int8 graph keeps the dynamic batch and image size: 12×16 resamples the 4×4 position grid to 6×8.
+    larger = torch.nn.functional.interpolate(images[:7], size=(12, 16), mode="bilinear")
+    with torch.no_grad():
+        expected = model(larger)
+    assert (quantized(larger) - expected).norm() / expected.norm() < 0.05
+
+
+def test_create_model_quantize(ort: ModuleType, one_thread: None) -> None:
+    model = vitlab.create_model("vit-ti16", num_classes=3, img_size=32, depth=1, quantize="int8")
+    assert isinstance(model, OnnxRuntimeModel) and model.config.depth == 1
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+
+
+def test_bad_quantize_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(vitlab.VitlabError, match="quantize must be one of"):
+        vitlab.create_model("vit-ti16", quantize="int4")
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if it were not installed
+    with pytest.raises(vitlab.VitlabError, match=r"vitlab\[export\]"):
+        vitlab.create_model("vit-ti16", num_classes=3, img_size=32, depth=1, quantize="int8")
+
+
+def test_export_command(ort: ModuleType, digits_model: tuple[VisionTransformer, torch.Tensor, torch.Tensor],
+                        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model, images, _ = digits_model
+    checkpoint = tmp_path / "digits.safetensors"
+    vitlab.save_weights(model, checkpoint, format="vitlab")
+    with torch.no_grad():
+        expected = model(images[:50]).numpy()
+    out = tmp_path / "digits.onnx"
+    assert main(["export", str(checkpoint), "--out", str(out)]) == 0
+    assert f"wrote {out} (ONNX, fp32" in capsys.readouterr().out
+    assert np.abs(run_onnx(ort, out, images[:50]) - expected).max() < 1e-4
+    out = tmp_path / "digits-int8.onnx"
+    assert main(["export", str(checkpoint), "--out", str(out), "--int8"]) == 0
+    assert f"wrote {out} (ONNX, int8" in capsys.readouterr().out
+    assert np.linalg.norm(run_onnx(ort, out, images[:50]) - expected) / np.linalg.norm(expected) < 0.05
+    assert main(["export", str(tmp_path / "missing"), "--out", str(tmp_path / "x.onnx")]) == 2
+    one_error_line(capsys, "missing")
+    assert main(["export", str(checkpoint), "--out", str(tmp_path / "no" / "x.onnx")]) == 2
+    one_error_line(capsys, "does not exist")
+
+
+def test_export_usage_errors() -> None:
+    for argv in (["export", "model.safetensors"], ["export", "model.safetensors", "--out", "x.onnx", "--fp8"]):
+        with pytest.raises(SystemExit) as raised:
+            main(argv)
+        assert raised.value.code == 2
