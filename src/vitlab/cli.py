@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "demo": "vitlab.commands.demo",
     "analyze": "vitlab.commands.analyze",
     "data": "vitlab.commands.data",
+    "study": "vitlab.commands.study",
 }
 
 

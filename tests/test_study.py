@@ -1,0 +1,93 @@
+"""`vitlab study`: quick studies write their table, JSON and plot; finished runs are reused; bad families exit 2."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from helpers import one_error_line
+from vitlab import study
+from vitlab.cli import main
+from vitlab.errors import VitlabError
+
+# --quick on the bundled digits (360 test images), with even fewer steps than --quick takes, to stay fast
+QUICK = ["--quick", "--dataset", "digits", "--batch-size", "32", "--min-steps", "8", "--no-progress"]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def rows_of(out: Path, name: str) -> list[dict]:
+    return json.loads((out / f"{name}.json").read_text())["rows"]
+
+
+@pytest.fixture(scope="module")
+def data_size(tmp_path_factory: pytest.TempPathFactory, one_thread: None) -> Path:
+    out = tmp_path_factory.mktemp("study")
+    assert main(["study", "data-size", *QUICK, "--models", "vit", "--out", str(out)]) == 0
+    return out
+
+
+def test_data_size_writes_table_json_and_plot(data_size: Path) -> None:
+    rows = rows_of(data_size, "data-size")
+    assert [(row["model"], row["train_images"]) for row in rows] == [("vit", 200), ("vit", 400)]
+    assert [row["steps"] for row in rows] == [8, 12]  # max(1 epoch, 8 steps) of batch 32
+    assert all(0.0 <= row["test_top1"] <= 100.0 and 0.0 <= row["best_top1"] <= 100.0 for row in rows)
+    assert not any(row["reused"] for row in rows)
+    table = (data_size / "data-size.md").read_text()
+    assert "max(1 epochs, 8 steps) of batch 32" in table and "| vit-200 | vit | vit-mini-p7-28 |" in table
+    assert (data_size / "data-size.png").read_bytes().startswith(PNG)
+
+
+def test_rerun_reuses_finished_runs_and_refuses_changed_ones(data_size: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    weights = data_size / "data-size" / "vit-400" / "last.safetensors"
+    written = weights.stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(["study", "data-size", *QUICK, "--models", "vit", "--out", str(data_size)]) == 0
+    assert weights.stat().st_mtime_ns == written
+    assert all(row["reused"] for row in rows_of(data_size, "data-size"))
+    assert capsys.readouterr().out.count("finished before, reused") == 2
+    assert main(["study", "data-size", *QUICK, "--min-steps", "9", "--models", "vit", "--out", str(data_size)]) == 2
+    one_error_line(capsys, "vit-200 holds a run with other settings", "epochs")
+
+
+def test_posemb_and_resolution(tmp_path: Path, one_thread: None) -> None:
+    assert main(["study", "posemb", *QUICK, "--out", str(tmp_path)]) == 0
+    assert [row["posemb"] for row in rows_of(tmp_path, "posemb")] == ["none", "learned", "sincos2d"]
+    assert (tmp_path / "posemb.png").read_bytes().startswith(PNG)
+    assert main(["study", "resolution", *QUICK, "--out", str(tmp_path)]) == 0
+    rows = {row["run"]: row for row in rows_of(tmp_path, "resolution")}
+    assert set(rows) == {"vit-28px", "vit-42px", "vit-28px-pretrain", "vit-28to42px"}
+    assert rows["vit-28to42px"]["total_steps"] == rows["vit-28px"]["steps"] == rows["vit-42px"]["steps"] == 12
+    assert all(0.0 <= row["test_top1"] <= 100.0 for row in rows.values())
+    tuned = json.loads((tmp_path / "resolution" / "vit-28to42px" / "last.json").read_text())
+    assert tuned["model_config"]["img_size"] == [42, 42]
+    assert tuned["train_config"]["init_from"] == str(tmp_path / "resolution" / "vit-28px-pretrain")
+    assert "| vit-28to42px |" in (tmp_path / "resolution.md").read_text()
+
+
+def test_unknown_or_unregistered_family_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    assert main(["study", "data-size", *QUICK, "--models", "vit", "cnn", "--out", str(tmp_path)]) == 2
+    one_error_line(capsys, "unknown model family 'cnn'", "vit, resnet, mixer, perceiver")
+    monkeypatch.setitem(study.FAMILY_RECIPES, "convnext", {"model": "convnext-mini-28"})
+    assert main(["study", "data-size", *QUICK, "--models", "convnext", "--out", str(tmp_path)]) == 2
+    one_error_line(capsys, "'convnext'", "'convnext-mini-28'", "not in the registry")
+    assert not list(tmp_path.iterdir())
+
+
+def test_budget_gives_every_size_exact_steps() -> None:
+    budget = study.Budget()
+    assert [budget.steps(size) for size in study.FULL_SIZES] == [500, 500, 1248, 3744]
+    for size in (200, 1000, 5000, 20000, 60000):
+        fields = budget.train_fields(budget.steps(size), size)
+        assert math.ceil(fields["epochs"] * (size // budget.batch_size)) == budget.steps(size)
+    with pytest.raises(VitlabError, match="smaller than the batch"):
+        budget.steps(100)
+
+
+def test_resolution_refuses_a_model_whose_weights_depend_on_the_size() -> None:
+    with pytest.raises(VitlabError, match="mixer-mini-p4-28 cannot be fine-tuned from 28 px to 56 px: .*token"):
+        study.resolution_study(study.Study(dataset="digits"), ["mixer"], high=56)
