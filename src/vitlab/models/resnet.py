@@ -95,8 +95,10 @@ class StdConv2d(nn.Conv2d):
         self.same = same
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        var, mean = torch.var_mean(self.weight, dim=(1, 2, 3), keepdim=True, unbiased=False)
-        weight = (self.weight - mean) * torch.rsqrt(var + WS_EPS)
+        # Normalising the kernel as a (1, out, in·k·k) batch standardises each output channel in one fused op,
+        # with the arithmetic timm uses, so logits agree with timm's to float rounding on the same weights.
+        weight = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, training=True,
+                              eps=WS_EPS).reshape_as(self.weight)
         if self.same:
             x = same_padding(x, self.kernel_size[0], self.stride[0])
         return F.conv2d(x, weight, None, self.stride, self.padding)
