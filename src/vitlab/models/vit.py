@@ -192,6 +192,9 @@ class VisionTransformer(nn.Module):
             self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix_tokens + grid_h * grid_w, dim))
         else:
             self.pos_embed = None
+        if config.posemb == "sincos2d":  # fixed: computed once, not every forward; not part of the state dict
+            self.register_buffer("sincos_table", sincos_2d_position_embedding(grid_h, grid_w, dim)[None],
+                                 persistent=False)
         self.pos_drop = nn.Dropout(config.dropout)
         self.grad_checkpointing = False
         drop_rates = [config.drop_path * i / max(config.depth - 1, 1) for i in range(config.depth)]
@@ -255,6 +258,10 @@ class VisionTransformer(nn.Module):
         if self.config.posemb == "none":
             return None
         if self.config.posemb == "sincos2d":
+            table = self.sincos_table
+            if grid == self.config.grid_size and table.dtype == self.patch_embed.proj.weight.dtype \
+                    and not torch.jit.is_tracing():  # a traced grid comes from the input's shape
+                return table
             return sincos_2d_position_embedding(*grid, self.config.embed_dim, dtype=self.patch_embed.proj.weight.dtype
                                                 ).to(self.patch_embed.proj.weight.device)[None]
         posemb = self.pos_embed
@@ -271,6 +278,8 @@ class VisionTransformer(nn.Module):
         posemb = self.position_embedding(grid)
         if self.cls_token is not None:
             tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+        else:  # the patch embedding's transpose is strided; left so, every residual add and LayerNorm copies it
+            tokens = tokens.contiguous()
         if posemb is not None:
             if posemb.shape[1] != tokens.shape[1]:  # sincos2d has no class-token row
                 posemb = torch.cat([posemb.new_zeros(1, self.num_prefix_tokens, posemb.shape[2]), posemb], dim=1)
