@@ -6,10 +6,11 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import vitlab
 from vitlab.errors import VitlabError
-from vitlab.models.layers import resample_position_embedding, sincos_2d_position_embedding
+from vitlab.models.layers import Attention, resample_position_embedding, sincos_2d_position_embedding
 
 from helpers import TINY_VIT, random_model
 
@@ -204,3 +205,13 @@ def test_patch_kernel_init_is_lecun_normal_truncated_at_two_std() -> None:
     weight = model.patch_embed.proj.weight  # fan-in 3·16·16 = 768
     assert abs(weight.std().item() - 768 ** -0.5) < 0.01 * 768 ** -0.5
     assert weight.abs().max().item() <= 2 * 768 ** -0.5 / .87962566103423978 + 1e-7
+
+
+@pytest.mark.parametrize("tokens", [9, Attention.EXPLICIT_MAX_TOKENS, Attention.EXPLICIT_MAX_TOKENS + 1, 50])
+def test_attention_equals_sdpa_on_either_side_of_the_short_sequence_path(tokens: int) -> None:
+    torch.manual_seed(0)
+    attention = Attention(32, num_heads=4).eval()
+    x = torch.randn(2, tokens, 32)
+    q, k, v = attention.qkv(x).reshape(2, tokens, 3, 4, 8).permute(2, 0, 3, 1, 4)
+    expected = attention.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(2, tokens, 32))
+    torch.testing.assert_close(attention(x), expected, rtol=1e-5, atol=1e-6)

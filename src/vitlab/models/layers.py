@@ -25,8 +25,12 @@ class Attention(nn.Module):
 
     The default path calls `F.scaled_dot_product_attention`, so CUDA picks flash or memory-efficient kernels.
     With `return_attention=True` the same Q and K are multiplied explicitly, so the probabilities returned are
-    exactly the ones the fused kernel uses internally.
+    exactly the ones the fused kernel uses internally. On CPU, sequences of at most `EXPLICIT_MAX_TOKENS` take the
+    explicit path too: there SDPA's flash kernel costs more than three plain matmuls (measured on 2 Zen3 cores,
+    training steps of a width-128 ViT: 1.22x faster at 9 tokens, 1.12x at 16, equal at 49, slower at 197).
     """
+
+    EXPLICIT_MAX_TOKENS = 32
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0,
                  proj_drop: float = 0.0) -> None:
@@ -47,7 +51,7 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         dropout = self.attn_drop if self.training else 0.0
-        if return_attention:
+        if return_attention or (tokens <= self.EXPLICIT_MAX_TOKENS and x.device.type == "cpu"):
             probs = (q * self.scale @ k.transpose(-2, -1)).softmax(dim=-1)
             out = F.dropout(probs, dropout, self.training) @ v
         else:
