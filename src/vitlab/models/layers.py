@@ -60,6 +60,17 @@ class Attention(nn.Module):
         return (out, probs) if return_attention else out
 
 
+def zero_head(num_features: int, num_classes: int) -> nn.Module:
+    """The classifier every family starts from: a zero-initialised linear layer (so the first logits are uniform),
+    or no head at all for `num_classes=0`, which makes the model a feature extractor."""
+    if num_classes <= 0:
+        return nn.Identity()
+    head = nn.Linear(num_features, num_classes)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    return head
+
+
 class Mlp(nn.Module):
     """Dense → GELU → Dense, with dropout after each dense layer as in the paper."""
 

@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from vitlab.errors import VitlabError
 from vitlab.models.checks import (require_class_count, require_positive_int, require_positive_number,
                                   require_probability)
-from vitlab.models.layers import DropPath, Mlp, lecun_normal_, to_2tuple
+from vitlab.models.layers import DropPath, Mlp, lecun_normal_, to_2tuple, zero_head
 from vitlab.models.vit import PatchEmbed
 
 
@@ -95,21 +95,13 @@ class MlpMixer(nn.Module):
         self.blocks = nn.ModuleList(MixerBlock(config, rate) for rate in rates)
         self.norm = nn.LayerNorm(config.embed_dim, eps=config.layer_norm_eps)
         self.num_features = config.embed_dim
-        self.head: nn.Module = self._new_head(config.num_classes)
+        self.head: nn.Module = zero_head(self.num_features, config.num_classes)
         self.grad_checkpointing = False
         self.init_weights()
 
     @property
     def num_classes(self) -> int:
         return self.config.num_classes
-
-    def _new_head(self, num_classes: int) -> nn.Module:
-        if num_classes <= 0:
-            return nn.Identity()
-        head = nn.Linear(self.num_features, num_classes)
-        nn.init.zeros_(head.weight)
-        nn.init.zeros_(head.bias)
-        return head
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -124,7 +116,7 @@ class MlpMixer(nn.Module):
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the head with a zero-initialised one, as the paper does before fine-tuning."""
-        self.head = self._new_head(num_classes)
+        self.head = zero_head(self.num_features, num_classes)
         self.config = dataclasses.replace(self.config, num_classes=num_classes)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:

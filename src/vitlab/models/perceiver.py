@@ -31,7 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 from vitlab.errors import VitlabError
 from vitlab.models.checks import require_class_count, require_positive_int, require_positive_number
-from vitlab.models.layers import Mlp, lecun_normal_, to_2tuple, truncated_normal_
+from vitlab.models.layers import Mlp, lecun_normal_, to_2tuple, truncated_normal_, zero_head
 from vitlab.models.vit import Block
 
 
@@ -189,21 +189,13 @@ class Perceiver(nn.Module):
                           for _ in range(config.latent_blocks))
             for _ in range(tower_count))
         self.num_features = dim
-        self.head: nn.Module = self._new_head(config.num_classes)
+        self.head: nn.Module = zero_head(self.num_features, config.num_classes)
         self.grad_checkpointing = False
         self.init_weights()
 
     @property
     def num_classes(self) -> int:
         return self.config.num_classes
-
-    def _new_head(self, num_classes: int) -> nn.Module:
-        if num_classes <= 0:
-            return nn.Identity()
-        head = nn.Linear(self.num_features, num_classes)
-        nn.init.zeros_(head.weight)
-        nn.init.zeros_(head.bias)
-        return head
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -216,7 +208,7 @@ class Perceiver(nn.Module):
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the head with a zero-initialised one before fine-tuning."""
-        self.head = self._new_head(num_classes)
+        self.head = zero_head(self.num_features, num_classes)
         self.config = dataclasses.replace(self.config, num_classes=num_classes)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:

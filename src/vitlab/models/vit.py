@@ -17,7 +17,8 @@ from torch.utils.checkpoint import checkpoint
 
 from vitlab.errors import VitlabError
 from vitlab.models.layers import (RESAMPLE_MODES, Attention, DropPath, Mlp, lecun_normal_,
-                                  resample_position_embedding, sincos_2d_position_embedding, to_2tuple)
+                                  resample_position_embedding, sincos_2d_position_embedding, to_2tuple,
+                                  zero_head)
 from vitlab.models.resnet import ResNet, ResNetConfig
 
 POOLS = ("token", "gap")
@@ -205,16 +206,8 @@ class VisionTransformer(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
         self.pre_logits = PreLogits(dim, config.representation_size) if config.representation_size else None
         self.num_features = config.representation_size or dim
-        self.head: nn.Module = self._new_head(config.num_classes)
+        self.head: nn.Module = zero_head(self.num_features, config.num_classes)
         self.init_weights()
-
-    def _new_head(self, num_classes: int) -> nn.Module:
-        if num_classes <= 0:
-            return nn.Identity()
-        head = nn.Linear(self.num_features, num_classes)
-        nn.init.zeros_(head.weight)
-        nn.init.zeros_(head.bias)
-        return head
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -243,7 +236,7 @@ class VisionTransformer(nn.Module):
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the head with a zero-initialised one, as the paper does before fine-tuning."""
-        self.head = self._new_head(num_classes)
+        self.head = zero_head(self.num_features, num_classes)
         self.config = dataclasses.replace(self.config, num_classes=num_classes)
 
     def grid_size_for(self, height: int, width: int) -> tuple[int, int]:
