@@ -25,6 +25,22 @@ def random_model(config: ViTConfig = TINY_VIT, seed: int = 0) -> VisionTransform
     return model
 
 
+def count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def randomised(model: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torch.nn.Module:
+    """Every parameter random (norm scales around 1), so a zero head or unit norm hides nothing."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                parameter.normal_(1.0, 0.2)
+            else:
+                parameter.normal_(0.0, std)
+    return model.eval()
+
+
 def one_error_line(capsys: pytest.CaptureFixture[str], *needles: str) -> str:
     """The CLI's stderr is exactly one line, no traceback, containing every needle."""
     err = [line for line in capsys.readouterr().err.strip().splitlines() if line.strip()]

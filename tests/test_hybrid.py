@@ -17,6 +17,8 @@ from vitlab.cli import main
 from vitlab.errors import VitlabError
 from vitlab.weights import load_model, load_weights, npz, save_weights
 
+from helpers import count, randomised
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 HYBRID_PARAMETERS = 98_659_112  # timm's vit_base_r50_s16_224 with 1000 classes
@@ -24,26 +26,11 @@ HYBRID_FEATURES_PARAMETERS = 97_890_112  # without a head: timm's default (the i
 SMALL_VIT = {"embed_dim": 64, "depth": 2, "num_heads": 2}  # timm's names; the R50 stem stays full size
 
 
-def count(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def randomised(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                parameter.normal_(1.0, 0.2)
-            else:
-                parameter.normal_(0.0, 0.05)
-    return model.eval()
-
-
 def timm_hybrid(**kwargs) -> torch.nn.Module:
     """timm's R50+ViT-B/16 at 64 px (a 4×4 token grid) with random weights, built on meta (its init is slow)."""
     with torch.device("meta"):
         model = timm.create_model("vit_base_r50_s16_224", img_size=64, **kwargs)
-    return randomised(model.to_empty(device="cpu"))
+    return randomised(model.to_empty(device="cpu"), std=0.05)
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +134,7 @@ def test_hybrid_mistakes_are_named(small_timm, tmp_path: Path) -> None:
 def test_analyze_a_hybrid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     model = vitlab.create_model("vit-b16-r50", img_size=32, hybrid_layers=(1, 1), num_classes=3, embed_dim=32,
                                 depth=2, num_heads=2, mlp_dim=64)
-    save_weights(randomised(model), tmp_path / "tiny.safetensors")
+    save_weights(randomised(model, std=0.05), tmp_path / "tiny.safetensors")
     image = tmp_path / "x.png"
     Image.fromarray((np.random.default_rng(0).random((40, 40, 3)) * 255).astype(np.uint8)).save(image)
     assert main(["analyze", str(tmp_path / "tiny.safetensors"), "--images", str(image), "--out",

@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import vitlab
-from helpers import one_error_line
+from helpers import count, one_error_line, randomised
 from vitlab.cli import main
 from vitlab.errors import VitlabError
 from vitlab.models.resnet import ResNet, ResNetConfig
@@ -25,22 +25,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 R50_PARAMETERS = 25_549_352  # timm's resnetv2_50x1_bit with 1000 classes
 MINI_PARAMETERS = 865_898
-
-
-def count(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def randomised(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Every parameter random (GroupNorm scales around 1), so a zero head or unit norm hides nothing."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                parameter.normal_(1.0, 0.2)
-            else:
-                parameter.normal_(0.0, 0.1)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
