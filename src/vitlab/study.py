@@ -190,7 +190,9 @@ def resolution_study(study: Study, families: Sequence[str] = ("vit",), size: int
     recipes = family_recipes(families)
     size = _size(study, size, next(iter(recipes.values())))
     total = study.budget.steps(size)
-    tune = max(1, round(finetune_fraction * total))
+    if total < 2:
+        raise VitlabError(f"the resolution study needs at least 2 steps per arm, got {total}")
+    tune = min(max(1, round(finetune_fraction * total)), total - 1)
     finetune = {**FINETUNE_DEFAULTS, "new_head": False}  # the paper's SGD fine-tuning; same classes, so same head
     runs = []
     for family, recipe in recipes.items():
