@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
-from collections.abc import Callable
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,20 +24,8 @@ import torch
 from vitlab.models.quantize import quantize_model
 from vitlab.models.registry import create_model
 
-
-def interleaved_rates(calls: dict[str, Callable[[], Any]], batch: int, repeats: int, warmup: int = 1
-                      ) -> dict[str, float]:
-    """Median images per second of each call, timed A, B, C, A, B, C, ... after `warmup` calls of each."""
-    for call in calls.values():
-        for _ in range(warmup):
-            call()
-    seconds: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            seconds[name].append(time.perf_counter() - start)
-    return {name: batch / statistics.median(values) for name, values in seconds.items()}
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark's timer
+from throughput import interleaved_rates  # noqa: E402
 
 
 def int8_speed(batch: int = 32, repeats: int = 5, threads: int = 2) -> dict[str, Any]:
@@ -60,7 +46,8 @@ def int8_speed(batch: int = 32, repeats: int = 5, threads: int = 2) -> dict[str,
         fp32_difference = float((model(images) - expected).abs().max())
         int8_difference = float((quantized(images) - expected).norm() / expected.norm())
         rates = interleaved_rates({"timm fp32": lambda: reference(images), "vitlab fp32": lambda: model(images),
-                                   "vitlab int8": lambda: quantized(images)}, batch, repeats)
+                                   "vitlab int8": lambda: quantized(images)}, batch, repeats, warmup=1,
+                                  target_s=0.0)
     return {"model": "vit-s16", "img_size": 224, "batch": batch, "threads": threads, "repeats": repeats,
             "img_per_s": rates, "ratio_to_timm": {name: rate / rates["timm fp32"] for name, rate in rates.items()},
             "max_abs_logit_difference_fp32": fp32_difference,
