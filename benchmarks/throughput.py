@@ -9,9 +9,9 @@ zero_grad, forward, cross-entropy, backward and AdamW (PyTorch's default impleme
 same for every library. Achieved GFLOP/s divide the FLOPs `torch.utils.flop_counter` counts (matmuls,
 convolutions and attention; forward + backward for training) by the time, and are compared with a square fp32
 matmul timed the same way at the start of the run. A training step's memory is measured in a fresh subprocess per
-library: the process's peak resident set size during two steps minus its size just before them (model, inputs and
-optimizer built, with freed heap memory handed back by `malloc_trim`), i.e. activations, gradients, AdamW state and
-workspace. (tracemalloc does not see torch's CPU tensors; the RSS peak does.)
+library: the peak resident set size during two steps (VmHWM, reset just before them) minus the size before them
+(model, inputs and optimizer built, freed heap memory handed back by `malloc_trim`), i.e. activations, gradients,
+AdamW state and workspace. tracemalloc does not see torch's CPU tensors; the RSS peak does.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import json
 import math
 import os
 import platform
-import resource
+import re
 import statistics
 import subprocess
 import sys
@@ -288,9 +288,12 @@ def training_step(contender: Contender, x: torch.Tensor, y: torch.Tensor) -> Cal
     return step
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+def _memory_mb(field: str) -> float:
+    """A memory line of /proc/self/status in MiB: VmRSS is resident now, VmHWM its peak since the last reset.
+
+    Not getrusage's ru_maxrss: a child started by fork + exec inherits its parent's peak there."""
+    match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
+    return int(match.group(1)) / 1024
 
 
 def memory_probe(library: str, key: str, batch: int) -> dict[str, float]:
@@ -301,10 +304,11 @@ def memory_probe(library: str, key: str, batch: int) -> dict[str, float]:
     x, y = images(spec, batch)
     step = training_step(contenders[library], x, y)
     ctypes.CDLL("libc.so.6").malloc_trim(0)  # memory freed while building goes back, so the baseline is live data
-    baseline = _rss_mb()
+    Path("/proc/self/clear_refs").write_text("5")  # the peak restarts here: building's own peaks do not count
+    baseline = _memory_mb("VmRSS")
     step()
     step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    peak = _memory_mb("VmHWM")
     return {"baseline_mb": baseline, "peak_mb": peak, "step_mb": peak - baseline}
 
 
