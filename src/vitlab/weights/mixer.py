@@ -84,8 +84,7 @@ def to_state_dict(arrays: dict[str, np.ndarray], source: str) -> tuple[dict[str,
     except VitlabError:
         raise
     except (ValueError, IndexError, TypeError) as error:  # an array whose shape does not fit the others
-        where = f" at {reader.last!r} {tuple(arrays[reader.last].shape)}" if reader.last else ""
-        raise VitlabError(f"{source}: the arrays do not form an MLP-Mixer{where}: {error}") from None
+        raise reader.misfit(error, "an MLP-Mixer") from None
 
 
 def _convert(reader: _Reader, arrays: dict[str, np.ndarray], source: str
@@ -119,10 +118,7 @@ def _convert(reader: _Reader, arrays: dict[str, np.ndarray], source: str
         state["head.weight"] = _tensor(reader.take("head/kernel").T)
         state["head.bias"] = _tensor(reader.take("head/bias").reshape(-1))
 
-    unused = reader.unused()
-    if unused:
-        raise VitlabError(f"{source}: {len(unused)} array(s) that no vitlab MLP-Mixer parameter takes: "
-                          f"{describe_keys(unused, {key: arrays[key].shape for key in unused})}")
+    reader.check_all_used("MLP-Mixer")
     return state, config_from_state_dict(state, source)
 
 

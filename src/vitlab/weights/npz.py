@@ -97,6 +97,18 @@ class _Reader:
     def unused(self) -> list[str]:
         return sorted(key for key in self.arrays if key.startswith(self.prefix) and key not in self.used)
 
+    def misfit(self, error: Exception, what: str) -> VitlabError:
+        """The error for an array whose rank or shape does not fit the others, naming the array taken last."""
+        where = f" at {self.last!r} {tuple(self.arrays[self.last].shape)}" if self.last else ""
+        return VitlabError(f"{self.source}: the arrays do not form {what}{where}: {error}")
+
+    def check_all_used(self, family: str) -> None:
+        """Refuse arrays that no parameter took: a checkpoint of another shape or variant, not silently ignored."""
+        unused = self.unused()
+        if unused:
+            raise VitlabError(f"{self.source}: {len(unused)} array(s) that no vitlab {family} parameter takes: "
+                              f"{describe_keys(unused, {key: self.arrays[key].shape for key in unused})}")
+
 
 def _is_square(count: int) -> bool:
     return count >= 0 and math.isqrt(count) ** 2 == count
@@ -195,9 +207,7 @@ def to_state_dict(arrays: dict[str, np.ndarray], source: str
     except VitlabError:
         raise
     except (ValueError, IndexError, TypeError) as error:  # an array whose shape does not fit the others
-        where = f" at {reader.last!r} {tuple(arrays[reader.last].shape)}" if reader.last else ""
-        kind = "hybrid ViT" if reader.has(HYBRID_MARKER) else "ViT"
-        raise VitlabError(f"{source}: the arrays do not form a {kind}{where}: {error}") from None
+        raise reader.misfit(error, "a hybrid ViT" if reader.has(HYBRID_MARKER) else "a ViT") from None
 
 
 def _convert(reader: _Reader, arrays: dict[str, np.ndarray], source: str
@@ -296,10 +306,7 @@ def _convert(reader: _Reader, arrays: dict[str, np.ndarray], source: str
         state["head.weight"] = _tensor(head_kernel.T)
         state["head.bias"] = _tensor(reader.take("head/bias").reshape(-1))
 
-    unused = reader.unused()
-    if unused:
-        raise VitlabError(f"{source}: {len(unused)} array(s) that no vitlab ViT parameter takes: "
-                          f"{describe_keys(unused, {key: arrays[key].shape for key in unused})}")
+    reader.check_all_used("ViT")
     if depth == 0:
         raise VitlabError(f"{source}: no encoder blocks found under {reader.prefix!r}Transformer/")
     fields: dict[str, Any] = {

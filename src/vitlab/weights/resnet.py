@@ -23,7 +23,6 @@ import torch
 
 from vitlab.errors import VitlabError
 from vitlab.models.resnet import ResNetConfig
-from vitlab.weights.files import describe_keys
 from vitlab.weights.npz import _Reader, _tensor, conv_from_hwio, conv_to_hwio, unit_counts, vector
 
 BIT_PREFIX = "resnet/"
@@ -96,12 +95,8 @@ def bit_to_state_dict(arrays: dict[str, np.ndarray], source: str) -> tuple[dict[
     except VitlabError:
         raise
     except (ValueError, IndexError, TypeError) as error:  # an array whose rank or shape does not fit
-        where = f" at {reader.last!r} {tuple(arrays[reader.last].shape)}" if reader.last else ""
-        raise VitlabError(f"{source}: the arrays do not form a BiT ResNet{where}: {error}") from None
-    unused = reader.unused()
-    if unused:
-        raise VitlabError(f"{source}: {len(unused)} array(s) that no vitlab ResNet parameter takes: "
-                          f"{describe_keys(unused, {key: arrays[key].shape for key in unused})}")
+        raise reader.misfit(error, "a BiT ResNet") from None
+    reader.check_all_used("ResNet")
     return state, config_from_state_dict(state, source)
 
 
