@@ -10,6 +10,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from vitlab.allocator import keep_freed_memory
 from vitlab.errors import TrainingDiverged, VitlabError
 
 # Sub-command name → module that defines `add_parser(subparsers)` and `run(args) -> int`.
@@ -47,6 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # for commands that re-launch themselves (torchrun)
+    keep_freed_memory()
     try:
         return int(args.run(args) or 0)
     except VitlabError as error:
