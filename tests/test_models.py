@@ -207,11 +207,15 @@ def test_patch_kernel_init_is_lecun_normal_truncated_at_two_std() -> None:
     assert weight.abs().max().item() <= 2 * 768 ** -0.5 / .87962566103423978 + 1e-7
 
 
-@pytest.mark.parametrize("tokens", [9, Attention.EXPLICIT_MAX_TOKENS, Attention.EXPLICIT_MAX_TOKENS + 1, 50])
-def test_attention_equals_sdpa_on_either_side_of_the_short_sequence_path(tokens: int) -> None:
+@pytest.mark.parametrize("tokens", [9, Attention.KEY_MAJOR_MAX_TOKENS, Attention.EXPLICIT_MAX_TOKENS,
+                                    Attention.EXPLICIT_MAX_TOKENS + 1, 50])
+def test_attention_equals_sdpa_on_either_side_of_the_short_sequence_paths(tokens: int) -> None:
     torch.manual_seed(0)
     attention = Attention(32, num_heads=4).eval()
     x = torch.randn(2, tokens, 32)
     q, k, v = attention.qkv(x).reshape(2, tokens, 3, 4, 8).permute(2, 0, 3, 1, 4)
     expected = attention.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(2, tokens, 32))
     torch.testing.assert_close(attention(x), expected, rtol=1e-5, atol=1e-6)
+    out, probs = attention(x, return_attention=True)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(probs, (q @ k.transpose(-2, -1) * 8 ** -0.5).softmax(-1), rtol=1e-5, atol=1e-6)
