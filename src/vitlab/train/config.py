@@ -90,7 +90,7 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {
     "fmnist-vit": Recipe(
         TrainConfig(model="vit-mini-p7-28", model_overrides={"pool": "gap", "posemb": "sincos2d"}, img_size=21,
-                    epochs=18, batch_size=128, lr=1e-3, weight_decay=0.05, warmup_epochs=0.3, label_smoothing=0.1,
+                    epochs=21, batch_size=256, lr=2e-3, weight_decay=0.05, warmup_epochs=0.3, label_smoothing=0.1,
                     hflip=True, out="runs/fmnist-vit"),
         command="vitlab train --recipe fmnist-vit --out runs/fmnist-vit",
         expected="89.8% Fashion-MNIST test top-1 after 18 epochs, 9 minutes on 2 CPU cores (measured "
@@ -99,7 +99,7 @@ RECIPES: dict[str, Recipe] = {
                     "positions) from scratch at 21 px, a 3x3 patch grid; at 28 px (4x4) each epoch costs 1.7x as "
                     "much for the same accuracy per epoch"),
     "fmnist-finetune": Recipe(
-        TrainConfig(model="vit-mini-p7-28", dataset="fashion-mnist", img_size=28, epochs=1, batch_size=128,
+        TrainConfig(model="vit-mini-p7-28", dataset="fashion-mnist", img_size=28, epochs=0.5, batch_size=128,
                     optimizer="adamw", lr=1e-3, weight_decay=0.0, warmup_epochs=0.1, label_smoothing=0.1,
                     hflip=True, new_head=False, out="runs/fmnist-finetune"),
         command="vitlab finetune --recipe fmnist-finetune --from runs/fmnist-vit --out runs/fmnist-finetune",
