@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from vitlab.allocator import keep_freed_memory
 from vitlab.data import EvalTransform, load_dataset
 from vitlab.eval.metrics import evaluate
 from vitlab.models.registry import model_config
@@ -126,6 +127,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as the vitlab command does; every run of this process, timm's too, gets it
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, budget {args.budget_s:.0f} s each")
     rows = []
     for name in args.runs:

@@ -11,7 +11,9 @@ convolutions and attention; forward + backward for training) by the time, and ar
 matmul timed the same way at the start of the run. A training step's memory is measured in a fresh subprocess per
 library: the peak resident set size during two steps (VmHWM, reset just before them) minus the size before them
 (model, inputs and optimizer built, freed heap memory handed back by `malloc_trim`), i.e. activations, gradients,
-AdamW state and workspace. tracemalloc does not see torch's CPU tensors; the RSS peak does.
+AdamW state and workspace. tracemalloc does not see torch's CPU tensors; the RSS peak does. The timed rows run
+with glibc told to keep freed memory (`vitlab.allocator`, as the `vitlab` command does), for all three libraries:
+without it, repeated page faults decide some rows rather than the models (README, Performance).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from torch import nn
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
+from vitlab.allocator import keep_freed_memory
 from vitlab.models.layers import sincos_2d_position_embedding
 from vitlab.models.registry import model_config
 from vitlab.models.vit import VisionTransformer, ViTConfig
@@ -504,6 +507,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         library, key, batch = args.memory_probe
         print(json.dumps(memory_probe(library, key, int(batch))))
         return None
+    keep_freed_memory()  # as the vitlab CLI does; one process, so every library's rows run with it
     if args.quick:
         settings = Settings(repeats=1, warmup=1, target_s=0.0, infer_batches=(1, 2), train_batch=lambda spec: 4,
                             peak_size=256, threads=args.threads, memory=not args.no_memory)
