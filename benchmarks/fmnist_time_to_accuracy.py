@@ -71,9 +71,10 @@ def run_vitlab(stages: list[tuple[str, dict[str, Any]]], budget_s: float, thread
             Trainer(config).fit()
             offset = curve[-1][0] if curve else 0.0
             records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-            curve += [(offset + r["elapsed_s"], r["test_top1"]) for r in records]
-            print(f"  {recipe} {overrides or ''}: " + ", ".join(f"{top1:.2%} at {s:.0f} s" for s, top1 in curve),
-                  flush=True)
+            stage_curve = [(offset + r["elapsed_s"], r["test_top1"]) for r in records]
+            curve += stage_curve
+            print(f"  {recipe} {overrides or ''}: "
+                  + ", ".join(f"{top1:.2%} at {s:.0f} s" for s, top1 in stage_curve), flush=True)
             previous = out
     return [(seconds, top1) for seconds, top1 in curve if seconds <= budget_s]
 
