@@ -7,10 +7,15 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from helpers import one_error_line
 from vitlab.analysis import cross_attention_maps
+from vitlab.cli import main
+from vitlab.commands.analyze import load_images
 from vitlab.errors import VitlabError
 from vitlab.models.perceiver import Perceiver, PerceiverConfig, fourier_position_features
 from vitlab.models.registry import config_from_dict, config_to_dict, create_model, list_models
@@ -167,3 +172,52 @@ def test_fine_tunes_at_another_resolution(tmp_path: Path) -> None:
     tuned = load_model(tmp_path / "run").eval()
     assert tuned.config.img_size == (16, 16) and tuned.config.num_classes == 10
     assert tuned(torch.randn(1, 3, 16, 16)).shape == (1, 10)
+
+
+def perceiver_checkpoint(directory: Path) -> Path:
+    """perceiver-mini-28 with 16 latents and random weights (a fresh one attends almost evenly), saved for the CLI."""
+    torch.manual_seed(0)
+    model = create_model("perceiver-mini-28", num_latents=16).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.2)
+    return save_weights(model, directory / "perceiver.safetensors")
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_analyze_draws_the_cross_attention(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    checkpoint = perceiver_checkpoint(tmp_path)
+    rng = np.random.default_rng(0)
+    paths = [tmp_path / "rgb.png", tmp_path / "gray.png"]  # both become the model's 28×28 gray input
+    Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(paths[0])
+    Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(paths[1])
+    out = tmp_path / "report"
+    assert main(["analyze", str(checkpoint), "--images", *map(str, paths), "--out", str(out)]) == 0, \
+        capsys.readouterr().err
+    pngs = ["cross_attention_0.png", "cross_attention_1.png", "cross_attention_entropy.png"]
+    assert sorted(path.name for path in out.glob("*.png")) == pngs
+    page = (out / "index.html").read_text()
+    assert all(f'src="{name}"' in page for name in pngs)
+    numbers = json.loads((out / "analysis.json").read_text())
+    summary = numbers["cross_attention_entropy"]["data"]
+    assert summary["shape"] == [2, 2, 1, 16, 28 * 28]  # cross-attends, images, heads, latents, pixels
+    entropy = np.array(summary["entropy"])
+    assert entropy.shape == (2,) and np.isfinite(entropy).all()
+    assert (entropy > 0).all() and (entropy < math.log(28 * 28)).all()
+    # the numbers are the library's maps for the saved model on the prepared images
+    maps = cross_attention_maps(load_model(checkpoint), load_images(paths, 1, (28, 28))).double()
+    assert np.allclose(entropy, -torch.special.xlogy(maps, maps).sum(-1).mean(dim=(1, 2, 3)).numpy(), atol=1e-6)
+    latents = np.array(numbers["cross_attention_0"]["data"]["latents"])
+    assert latents.shape == (2, 8) and len(set(latents[0])) == 8
+
+    assert main(["analyze", str(checkpoint), "--images", str(paths[0]), "--head", "1", "--out", str(out)]) == 2
+    one_error_line(capsys, "--head must be in [0, 0]", "cross-attention")
+
+
+def test_analyze_refuses_a_resnet_naming_the_supported_families(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    checkpoint = save_weights(create_model("resnet-bit-mini-28"), tmp_path / "resnet.safetensors")
+    image = tmp_path / "digit.png"
+    Image.new("L", (28, 28), 128).save(image)
+    assert main(["analyze", str(checkpoint), "--images", str(image), "--out", str(tmp_path / "report")]) == 2
+    one_error_line(capsys, "Vision Transformers and Perceivers", "ResNet")

@@ -209,6 +209,63 @@ def plot_embedding_components(components: torch.Tensor, path: str | Path) -> Pat
     return _save(figure, path)
 
 
+def plot_cross_attention(image: torch.Tensor, maps: torch.Tensor, latents: torch.Tensor, path: str | Path,
+                         mean: float = 0.5, std: float = 0.5, title: str = "Cross-attention") -> Path:
+    """A Perceiver's attention from its latents to one image's pixels, as in the Perceiver paper's Fig. 3 and 7.
+
+    `maps` is (S, N, H, W) for one head, `latents` (S, k) the latent indices to draw. The input is shown once; each
+    row is one cross-attend: the mean map over all N latents, then the k latents' maps. Each map is stretched over
+    its own range, since one latent's attention can be far sharper than another's.
+    """
+    values = _numpy(maps)
+    chosen = latents.tolist()
+    steps, columns = len(chosen), len(chosen[0]) + 2
+    figure = Figure(figsize=(1.3 * columns + 0.2, 1.45 * steps + 0.6))
+    grid = figure.subplots(steps, columns, squeeze=False)
+    pixels, cmap = _display_image(image, mean, std)
+    grid[0, 0].imshow(pixels, cmap=cmap, vmin=0.0, vmax=1.0)
+    grid[0, 0].set_xticks([])
+    grid[0, 0].set_yticks([])
+    grid[0, 0].set_title("input", fontsize=7)
+    for row in range(steps):
+        if row:
+            grid[row, 0].axis("off")
+        _overlay(grid[row, 1], None, values[row].mean(axis=0), mean, std)
+        grid[row, 1].set_title("mean of latents", fontsize=7)
+        grid[row, 1].set_ylabel(f"cross-attend {row + 1}", fontsize=7)
+        for column, latent in enumerate(chosen[row], start=2):
+            _overlay(grid[row, column], None, values[row, latent], mean, std)
+            grid[row, column].set_title(f"latent {latent}", fontsize=7)
+    figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def plot_cross_attention_entropy(entropy: torch.Tensor, path: str | Path, max_entropy: float) -> Path:
+    """Mean entropy of the latents' attention over the pixels, (S, heads), against the cross-attend: one dot per head.
+
+    The dashed line is `max_entropy`, log(H·W), attention spread evenly over every pixel; 0 would be every latent
+    reading a single pixel, so the plot shows how local each cross-attend's reads are.
+    """
+    values = _numpy(entropy)
+    steps, heads = values.shape
+    figure = Figure(figsize=(4.8, 3.6))
+    axes = figure.subplots()
+    position = np.arange(1, steps + 1)
+    for head in range(heads):
+        axes.scatter(position, values[:, head], s=14, label=f"head {head}")
+    axes.axhline(max_entropy, color="gray", linestyle="--", linewidth=1, label="uniform")
+    axes.legend(fontsize=6, loc="lower right")
+    axes.set_xlabel("Cross-attend")
+    axes.set_ylabel("Mean entropy of a latent's attention (nats)")
+    axes.set_xticks(position)
+    axes.set_ylim(0.0, max_entropy * 1.05 + 1e-6)
+    axes.set_title(f"Cross-attention entropy ({heads} head{'s' if heads > 1 else ''})", fontsize=10)
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    return _save(figure, path)
+
+
 def _jsonable(value: Any) -> Any:
     """Tensors and arrays become (nested) lists, so the numbers behind each picture can be re-plotted."""
     if isinstance(value, torch.Tensor):

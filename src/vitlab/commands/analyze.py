@@ -2,12 +2,15 @@
 
 Writes attention-rollout overlays, per-layer class-token attention of one head, mean attention distance against
 depth, position-embedding similarity and the patch-embedding filters' principal components as PNGs, with
-`index.html` to view them and `analysis.json` holding the numbers behind each.
+`index.html` to view them and `analysis.json` holding the numbers behind each. For a Perceiver it draws the
+cross-attention from the latents to the pixels instead (the Perceiver paper's Fig. 3 and 7), with the entropy of
+each cross-attend's attention.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,6 +19,9 @@ import torch
 from vitlab.data import BUILTIN, EvalTransform, load_dataset, match_channels
 from vitlab.data.transforms import MEAN, STD
 from vitlab.errors import VitlabError
+
+SHOWN_LATENTS = 8  # latents drawn per cross-attend in a Perceiver's figures
+MAP_ELEMENTS = 2 ** 26  # attention weights per chunk (256 MiB in fp32) while a Perceiver's entropy is summed
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -27,11 +33,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dataset", help=f"statistics (attention distance) over the first --n test images of a "
                                           f"data set ({', '.join(BUILTIN)} or an image folder)")
     parser.add_argument("--n", type=int, default=128, help="images to take from --dataset (paper: 128)")
-    parser.add_argument("--head", type=int, default=0, help="head whose per-layer attention is drawn")
+    parser.add_argument("--head", type=int, default=0,
+                        help="head whose per-layer attention is drawn (Perceiver: cross-attention head)")
     parser.add_argument("--head-fusion", choices=("mean", "max", "min"), default="mean",
                         help="how rollout combines heads")
     parser.add_argument("--discard-ratio", type=float, default=0.0, help="rollout: drop this fraction of weights")
-    parser.add_argument("--overlays", type=int, default=8, help="how many images get a rollout overlay")
+    parser.add_argument("--overlays", type=int, default=8,
+                        help="how many images get a rollout overlay (Perceiver: a cross-attention figure)")
     parser.add_argument("--components", type=int, default=28, help="principal components of the patch filters")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     parser.add_argument("--out", required=True, help="output directory")
@@ -55,6 +63,25 @@ def load_dataset_images(name: str, count: int, in_chans: int, img_size: tuple[in
     return EvalTransform(img_size)(match_channels(test.images[:count], in_chans))
 
 
+def load_inputs(args: argparse.Namespace, in_chans: int, img_size: tuple[int, int], device: torch.device
+                ) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+    """The images to draw (--images, else the --dataset ones), their names, and the images to take statistics
+    over (--dataset, else --images); shared by the ViT and Perceiver branches so both read inputs alike."""
+    if not args.images and not args.dataset:
+        raise VitlabError("give --images, --dataset or both")
+    statistics = None
+    if args.dataset:
+        statistics = load_dataset_images(args.dataset, args.n, in_chans, img_size).to(device)
+    if args.images:
+        images = load_images(args.images, in_chans, img_size).to(device)
+        names = [Path(path).name for path in args.images]
+    else:
+        images = statistics
+        names = [f"{args.dataset} #{index}" for index in range(images.shape[0])]
+    statistics = images if statistics is None else statistics
+    return images, names, statistics
+
+
 def run(args: argparse.Namespace) -> int:
     from vitlab.analysis import (attention_maps, mean_attention_distance, patch_embedding_components,
                                  position_embedding_similarity)
@@ -74,25 +101,17 @@ def run(args: argparse.Namespace) -> int:
         raise VitlabError(f"--device {args.device!r}: {error}") from None
 
     model = load_model(args.checkpoint, model_name=args.model)
+    if hasattr(model, "cross_attends"):
+        return run_perceiver(args, model, device)
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "patch_embed") or not hasattr(model, "num_prefix_tokens"):
-        raise VitlabError(f"{args.checkpoint}: vitlab analyze needs a Vision Transformer, got {type(model).__name__}")
+        raise VitlabError(f"{args.checkpoint}: vitlab analyze supports Vision Transformers and Perceivers, got "
+                          f"{type(model).__name__}")
     if not 0 <= args.head < config.num_heads:
         raise VitlabError(f"--head must be in [0, {config.num_heads - 1}], got {args.head}")
     model = model.to(device).eval()
 
-    if not args.images and not args.dataset:
-        raise VitlabError("give --images, --dataset or both")
-    statistics = None
-    if args.dataset:
-        statistics = load_dataset_images(args.dataset, args.n, config.in_chans, config.img_size).to(device)
-    if args.images:
-        images = load_images(args.images, config.in_chans, config.img_size).to(device)
-        names = [Path(path).name for path in args.images]
-    else:
-        images = statistics
-        names = [f"{args.dataset} #{index}" for index in range(images.shape[0])]
-    statistics = images if statistics is None else statistics
+    images, names, statistics = load_inputs(args, config.in_chans, config.img_size, device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     grid = model.grid_size_for(*images.shape[-2:])
@@ -142,6 +161,84 @@ def run(args: argparse.Namespace) -> int:
                         "caption": f"First {components.shape[0]} principal components of the "
                                    f"{config.embed_dim} patch-embedding filters.",
                         "data": {"components": components}})
+
+    index = plots.write_index(out, entries, title=f"vitlab analyze {Path(args.checkpoint).name}")
+    print(index)
+    return 0
+
+
+def _row_entropy(maps: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats of each attention row (the last dimension), summed in float64 so rows over tens of
+    thousands of pixels lose little precision to the sum."""
+    return -torch.special.xlogy(maps, maps).sum(dim=-1, dtype=torch.float64)
+
+
+def latent_entropy(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Per cross-attend, head and latent, the entropy of the latent's attention over the pixels averaged over the
+    images, shape (S, heads, N): 0 for a latent that reads one pixel, log(H·W) for one that reads all evenly.
+
+    Images go through in chunks of about MAP_ELEMENTS attention weights, since a single 224-px image already gives
+    the ImageNet Perceiver 8 × 512 × 50,176 of them.
+    """
+    from vitlab.analysis import cross_attention_maps
+
+    config = model.config
+    per_image = config.num_cross_attends * config.cross_heads * config.num_latents * images.shape[-2] * images.shape[-1]
+    chunk = max(1, MAP_ELEMENTS // per_image)
+    total = torch.zeros(config.num_cross_attends, config.cross_heads, config.num_latents, dtype=torch.float64,
+                        device=images.device)
+    for start in range(0, images.shape[0], chunk):
+        total += _row_entropy(cross_attention_maps(model, images[start:start + chunk])).sum(dim=1)
+    return total / images.shape[0]
+
+
+def run_perceiver(args: argparse.Namespace, model: torch.nn.Module, device: torch.device) -> int:
+    """A Perceiver's cross-attention from its latents to the pixels, one figure per drawn image.
+
+    Each figure shows, per cross-attend, the mean map over all latents and the SHOWN_LATENTS latents whose attention
+    (head --head) is most peaked: lowest entropy averaged over the statistics images. The same latents appear in
+    every figure, so what one latent reads can be compared across images. Rollout options do not apply.
+    """
+    from vitlab.analysis import cross_attention_maps, plots
+
+    config = model.config
+    if not 0 <= args.head < config.cross_heads:
+        raise VitlabError(f"--head must be in [0, {config.cross_heads - 1}] (the Perceiver's cross-attention "
+                          f"heads), got {args.head}")
+    model = model.to(device).eval()
+    images, names, statistics = load_inputs(args, config.in_chans, config.img_size, device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    height, width = images.shape[-2:]
+    entropy = latent_entropy(model, statistics)
+    chosen = entropy[:, args.head].argsort(dim=-1)[:, :SHOWN_LATENTS]  # (S, k), most peaked first
+    entries = []
+
+    for index, name in enumerate(names[:args.overlays]):
+        maps = cross_attention_maps(model, images[index:index + 1])[:, 0, args.head]  # (S, N, H*W)
+        file = f"cross_attention_{index}.png"
+        plots.plot_cross_attention(images[index].cpu(), maps.reshape(*maps.shape[:2], height, width).cpu(),
+                                   chosen.cpu(), out / file, MEAN, STD, title=f"Cross-attention, {name}")
+        entries.append({"file": file, "title": f"Cross-attention, {name}",
+                        "caption": f"{name}: the input, then per cross-attend the attention of head {args.head} "
+                                   f"from the latents to the {height}x{width} pixels: the mean over all "
+                                   f"{config.num_latents} latents, then the {chosen.shape[1]} most peaked latents "
+                                   f"(lowest mean entropy over {statistics.shape[0]} images); each map stretched "
+                                   "from its minimum (blue) to its maximum (red).",
+                        "data": {"image": name, "head": args.head, "latents": chosen,
+                                 "entropy": _row_entropy(maps).gather(1, chosen)}})
+
+    per_head = entropy.mean(dim=-1)  # (S, heads)
+    plots.plot_cross_attention_entropy(per_head.cpu(), out / "cross_attention_entropy.png", math.log(height * width))
+    entries.append({"file": "cross_attention_entropy.png", "title": "Cross-attention entropy",
+                    "caption": f"Entropy of each latent's attention over the {height}x{width} pixels, averaged over "
+                               f"the {config.num_latents} latents and {statistics.shape[0]} images, per cross-attend "
+                               f"and head; the dashed line is log({height * width}), attention spread evenly.",
+                    "data": {"images": statistics.shape[0],
+                             "shape": [config.num_cross_attends, statistics.shape[0], config.cross_heads,
+                                       config.num_latents, height * width],
+                             "entropy": per_head.mean(dim=-1), "entropy_per_head": per_head,
+                             "max_entropy": math.log(height * width)}})
 
     index = plots.write_index(out, entries, title=f"vitlab analyze {Path(args.checkpoint).name}")
     print(index)
