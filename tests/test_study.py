@@ -88,6 +88,16 @@ def test_budget_gives_every_size_exact_steps() -> None:
         budget.steps(100)
 
 
+@pytest.mark.parametrize("evals,min_steps", [(1, 500), (2, 125), (4, 500), (3, 7)])
+def test_budget_gives_exactly_the_evaluations_asked_for(evals: int, min_steps: int) -> None:
+    budget = study.Budget(evals=evals, min_steps=min_steps, epochs=2.0)
+    for size in (200, 1000, 5000, 20000, 60000):
+        steps, per_epoch = budget.steps(size), budget.steps_per_epoch(size)
+        every = max(1, round(budget.train_fields(steps, size)["eval_every_epochs"] * per_epoch))  # as the Trainer
+        at = {step for step in range(1, steps + 1) if step % every == 0 or step == steps}
+        assert len(at) == min(evals, steps), (size, sorted(at))
+
+
 def test_resolution_refuses_a_model_whose_weights_depend_on_the_size() -> None:
     with pytest.raises(VitlabError, match="mixer-mini-p4-28 cannot be fine-tuned from 28 px to 56 px: .*token"):
         study.resolution_study(study.Study(dataset="digits"), ["mixer"], high=56)

@@ -85,7 +85,9 @@ class Budget:
     def train_fields(self, steps: int, size: int) -> dict[str, Any]:
         """TrainConfig fields that make the Trainer take exactly `steps` steps on `size` images."""
         epochs = (steps - 0.5) / self.steps_per_epoch(size)  # half a step under, so the Trainer's ceil() is exact
-        return {"batch_size": self.batch_size, "epochs": epochs, "eval_every_epochs": epochs / self.evals,
+        # ceil: with steps / evals rounded down, the Trainer would add one more evaluation at the final step
+        every = math.ceil(steps / self.evals) / self.steps_per_epoch(size)
+        return {"batch_size": self.batch_size, "epochs": epochs, "eval_every_epochs": every,
                 "warmup_steps": max(1, round(self.warmup_fraction * steps))}
 
 
