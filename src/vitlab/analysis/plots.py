@@ -124,16 +124,22 @@ def plot_layer_attention(layer_maps: torch.Tensor, path: str | Path, head: int, 
     return _save(figure, path)
 
 
+def _scatter_per_head(values: np.ndarray) -> tuple[Figure, Any, np.ndarray]:
+    """A figure with one dot per head for each row of a (rows, heads) array, rows numbered from 1 on the x axis."""
+    figure = Figure(figsize=(4.8, 3.6))
+    axes = figure.subplots()
+    position = np.arange(1, values.shape[0] + 1)
+    for head in range(values.shape[1]):
+        axes.scatter(position, values[:, head], s=14, label=f"head {head}")
+    return figure, axes, position
+
+
 def plot_attention_distance(distances: torch.Tensor, path: str | Path, image_size: tuple[int, int] | None = None
                             ) -> Path:
     """Mean attention distance (L, H) against depth, one dot per head, as in Fig. 7 (right)."""
     values = _numpy(distances)
-    layers, heads = values.shape
-    figure = Figure(figsize=(4.8, 3.6))
-    axes = figure.subplots()
-    depth = np.arange(1, layers + 1)
-    for head in range(heads):
-        axes.scatter(depth, values[:, head], s=14, label=f"head {head}")
+    heads = values.shape[1]
+    figure, axes, depth = _scatter_per_head(values)
     if heads <= 16:
         axes.legend(fontsize=6, ncol=2, loc="lower right")
     axes.set_xlabel("Network depth (layer)")
@@ -248,12 +254,8 @@ def plot_cross_attention_entropy(entropy: torch.Tensor, path: str | Path, max_en
     reading a single pixel, so the plot shows how local each cross-attend's reads are.
     """
     values = _numpy(entropy)
-    steps, heads = values.shape
-    figure = Figure(figsize=(4.8, 3.6))
-    axes = figure.subplots()
-    position = np.arange(1, steps + 1)
-    for head in range(heads):
-        axes.scatter(position, values[:, head], s=14, label=f"head {head}")
+    heads = values.shape[1]
+    figure, axes, position = _scatter_per_head(values)
     axes.axhline(max_entropy, color="gray", linestyle="--", linewidth=1, label="uniform")
     axes.legend(fontsize=6, loc="lower right")
     axes.set_xlabel("Cross-attend")
