@@ -13,13 +13,17 @@ pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallo
 _FAULTS_OF_A_LOOP = """
 import resource, sys, torch
 from vitlab.allocator import keep_freed_memory
+torch.set_num_threads(1)
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
+else:  # every 16-MiB block mmapped and unmapped, as glibc does before its threshold adapts
+    import ctypes
+    assert ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20) == 1  # M_MMAP_THRESHOLD
 def step():  # like a forward pass: 16-MiB activations alive together, then all freed
     alive = [torch.empty(4 << 20).fill_(1.0) for _ in range(4)]
 step()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(10):
+for _ in range(20):
     step()
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
@@ -32,6 +36,7 @@ def _faults(mode: str) -> int:
 
 
 def test_freed_blocks_are_reused_without_page_faults() -> None:
-    pages = 10 * 4 * (16 << 20) // 4096
-    assert _faults("default") > pages // 10  # glibc hands the freed blocks back, faults them in again
+    pages = 20 * 4 * (16 << 20) // 4096
+    assert _faults("mmap") > pages // 2  # the count sees blocks handed back and faulted in again
+    # glibc's own default lies in between and varies from run to run (20k to 327k faults here)
     assert _faults("keep") < pages // 20
