@@ -28,7 +28,7 @@ from vitlab.train.config import FINETUNE_DEFAULTS, TrainConfig, config_to_json, 
 
 # Family → TrainConfig overrides: its 28×28 grayscale model and the optimiser its own literature trains it with.
 FAMILY_RECIPES: dict[str, dict[str, Any]] = {
-    # the fmnist-vit recipe (AdamW, as the ViT paper pre-trains)
+    # the fmnist-vit recipe's ViT at width 128, about the size of the other families (AdamW, as the paper pre-trains)
     "vit": {"model": "vit-mini-p7-28", "model_overrides": {"pool": "gap", "posemb": "sincos2d"},
             "optimizer": "adamw", "lr": 2e-3, "weight_decay": 0.05},
     # BiT upstream: SGD momentum 0.9, lr 0.03 per 256 images of batch, weight decay 1e-4
