@@ -283,7 +283,8 @@ def _execute(runs: Sequence[Run]) -> list[dict[str, Any]]:
         record = _record(out, run.config)
         reused = record is not None and record.get("step") == record.get("total_steps")
         print(f"[{index}/{len(runs)}] {run.name}: {run.row['steps']} steps of {run.config.batch_size} on "
-              f"{run.config.subset} images ({'finished before, reused' if reused else 'resuming' if record else 'training'}) in {out}",
+              f"{run.config.subset} images "
+              f"({'finished before, reused' if reused else 'resuming' if record else 'training'}) in {out}",
               flush=True)
         if not reused:
             Trainer(run.config, resume=True).fit()
