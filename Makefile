@@ -6,10 +6,16 @@ FMNIST := /usr/share/datasets/fashion-mnist
 
 .PHONY: setup data demo test bench clean
 
-$(VENV)/.installed: pyproject.toml
+# The demo needs vitlab's runtime dependencies only; the tests and benchmarks add the `dev` extra (timm,
+# transformers, ...), which the demo would otherwise spend minutes installing.
+$(VENV)/.runtime: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.runtime
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
@@ -20,7 +26,7 @@ data:
 	@if [ ! -d $(FMNIST) ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; fi
 
-demo: setup data
+demo: $(VENV)/.runtime data
 	$(PY) -m vitlab demo --out runs/demo
 
 test: setup data
