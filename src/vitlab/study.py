@@ -31,9 +31,9 @@ FAMILY_RECIPES: dict[str, dict[str, Any]] = {
     # the fmnist-vit recipe's ViT at width 128, about the size of the other families (AdamW, as the paper pre-trains)
     "vit": {"model": "vit-mini-p7-28", "model_overrides": {"pool": "gap", "posemb": "sincos2d"},
             "optimizer": "adamw", "lr": 2e-3, "weight_decay": 0.05},
-    # BiT upstream: SGD momentum 0.9, lr 0.03 per 256 images of batch, weight decay 1e-4
-    "resnet": {"model": "resnet-bit-mini-28", "optimizer": "sgd", "lr": 0.03 * 128 / 256, "momentum": 0.9,
-               "weight_decay": 1e-4},
+    # AdamW, not BiT's upstream SGD (lr 0.03 per 256 images, made for 90 ImageNet epochs): in 112 steps on 1k images
+    # SGD reached 50.9% (train loss 1.64) and AdamW at lr 1e-3 68.5%, so the study would measure the optimiser
+    "resnet": {"model": "resnet-bit-mini-28", "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05},
     # Mixer and Perceiver papers: Adam-type optimisers with weight decay
     "mixer": {"model": "mixer-mini-p4-28", "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05},
     "perceiver": {"model": "perceiver-mini-28", "optimizer": "adamw", "lr": 5e-4, "weight_decay": 0.05},
