@@ -53,6 +53,23 @@ def test_rerun_reuses_finished_runs_and_refuses_changed_ones(data_size: Path,
     one_error_line(capsys, "vit-200 holds a run with other settings", "epochs")
 
 
+def test_no_train_reports_finished_runs_and_leaves_the_rest_pending(data_size: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    capsys.readouterr()
+    assert main(["study", "data-size", *QUICK, "--models", "vit", "mixer", "--no-train", "--out",
+                 str(data_size)]) == 0
+    assert capsys.readouterr().out.count("pending, not trained") == 2
+    assert not (data_size / "data-size" / "mixer-200").exists()
+    rows = {row["run"]: row for row in rows_of(data_size, "data-size")}
+    assert rows["vit-400"]["reused"] and rows["vit-400"]["test_top1"] is not None
+    assert rows["mixer-400"]["test_top1"] is None and rows["mixer-400"]["reached_step"] == 0
+    assert rows["mixer-400"]["parameters"] == 835_376
+    table = (data_size / "data-size.md").read_text()
+    assert "Not finished yet (2 of 4 runs, shown as —): mixer-200 (step 0 of 8), mixer-400 (step 0 of 12)" in table
+    assert "| mixer | — | — |" in table
+    assert (data_size / "data-size.png").read_bytes().startswith(PNG)
+
+
 def test_posemb_and_resolution(tmp_path: Path, one_thread: None) -> None:
     assert main(["study", "posemb", *QUICK, "--out", str(tmp_path)]) == 0
     assert [row["posemb"] for row in rows_of(tmp_path, "posemb")] == ["none", "learned", "sincos2d"]
@@ -66,6 +83,10 @@ def test_posemb_and_resolution(tmp_path: Path, one_thread: None) -> None:
     assert tuned["model_config"]["img_size"] == [42, 42]
     assert tuned["train_config"]["init_from"] == str(tmp_path / "resolution" / "vit-28px-pretrain")
     assert "| vit-28to42px |" in (tmp_path / "resolution.md").read_text()
+    pending = tmp_path / "pending"  # nothing trained yet: every arm pending, the bars still drawn
+    assert main(["study", "resolution", *QUICK, "--no-train", "--out", str(pending)]) == 0
+    assert all(row["test_top1"] is None and row["total_time_s"] is None for row in rows_of(pending, "resolution"))
+    assert (pending / "resolution.png").read_bytes().startswith(PNG)
 
 
 def test_unknown_or_unregistered_family_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str],

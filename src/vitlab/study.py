@@ -5,7 +5,9 @@
 - resolution (§3.2): pre-train at low resolution and fine-tune at a higher one vs one resolution throughout.
 
 Every run has its own directory under OUT/STUDY/. A run whose checkpoint says it finished is reused, and a half-done
-one continues through the Trainer's resume, so an interrupted study picks up where it stopped.
+one continues through the Trainer's resume, so an interrupted study picks up where it stopped. With `train=False` a
+study trains nothing and reports the runs that have finished, the others as pending: a study that takes longer than
+one sitting can be summed up, and its run records (not their weights) kept in version control, as it goes.
 """
 
 from __future__ import annotations
@@ -104,6 +106,7 @@ class Study:
     seed: int = 0
     settings: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides for every run, e.g. threads
     progress: bool = True
+    train: bool = True  # False: report the finished runs only, train none
     command: str = ""  # the command line that ran the study, recorded beside its results
 
 
@@ -144,18 +147,20 @@ def data_size_study(study: Study, sizes: Sequence[int], families: Sequence[str])
             name = f"{family}-{size}"
             runs.append(Run(name, _config(study, "data-size", name, recipe, size, steps),
                             {"model": family, "train_images": size, "steps": steps}))
-    rows = _execute(runs)
+    rows = _execute(runs, study.train)
     table = _table(rows, ["run", "model", "model_name", "parameters", "train_images", "steps", "epochs",
                           "test_top1", "best_top1", "time_s"])
     pivot = _table([{"model": family, **{str(size): _find(rows, model=family, train_images=size)["test_top1"]
                                          for size in sizes}} for family in recipes], ["model", *map(str, sizes)])
-    text = (f"{_header(study, 'Data-size study')}\n\nTest top-1 (%) by training-set size:\n\n{pivot}\n\n"
+    text = (f"{_header(study, 'Data-size study', rows)}\n\nTest top-1 (%) by training-set size:\n\n{pivot}\n\n"
             f"All runs:\n\n{table}\n")
     figure = Figure(figsize=(6, 4.2))
     axes = figure.add_subplot()
-    for family in recipes:
-        axes.plot(sizes, [_find(rows, model=family, train_images=size)["test_top1"] for size in sizes],
-                  marker="o", label=f"{family} ({recipes[family]['model']})")
+    for family in recipes:  # pending runs leave a point out
+        points = [(size, _find(rows, model=family, train_images=size)["test_top1"]) for size in sizes]
+        finished = [(size, top1) for size, top1 in points if top1 is not None]
+        axes.plot([size for size, _ in finished], [top1 for _, top1 in finished], marker="o",
+                  label=f"{family} ({recipes[family]['model']})")
     axes.set_xscale("log")
     axes.set_xticks(sizes, [f"{size:,}" for size in sizes])
     axes.minorticks_off()
@@ -176,10 +181,10 @@ def posemb_study(study: Study, size: int | None = None) -> StudyResult:
                                          {**recipe, "model_overrides": {**recipe["model_overrides"],
                                                                         "posemb": posemb}}, size, steps),
                 {"model": "vit", "posemb": posemb, "train_images": size, "steps": steps}) for posemb in POSEMBS]
-    rows = _execute(runs)
+    rows = _execute(runs, study.train)
     table = _table(rows, ["run", "posemb", "parameters", "train_images", "steps", "epochs", "test_top1",
                           "best_top1", "time_s"])
-    text = f"{_header(study, 'Position-embedding study')}\n\n{table}\n"
+    text = f"{_header(study, 'Position-embedding study', rows)}\n\n{table}\n"
     return _write(study, "posemb", rows, text, _bars([row["posemb"] for row in rows], rows,
                                                      f"{study.dataset}: position embeddings ({size} images)"))
 
@@ -209,15 +214,16 @@ def resolution_study(study: Study, families: Sequence[str] = ("vit",), size: int
             runs.append(Run(name, _config(study, "resolution", name, {**fields, "img_size": img_size}, size, steps),
                             {"model": family, "arm": arm, "img_size": img_size, "train_images": size,
                              "steps": steps}))
-    rows = _execute(runs)
+    rows = _execute(runs, study.train)
     for row in rows:  # the fine-tuned arm's budget includes its pre-training
         pre = (_find(rows, model=row["model"], arm=f"{low} px, pre-training only")
                if row["arm"] == f"{low} px then {high} px" else {"steps": 0, "time_s": 0.0})
         row["total_steps"] = pre["steps"] + row["steps"]
-        row["total_time_s"] = round(pre["time_s"] + row["time_s"], 1)
+        pending = pre["time_s"] is None or row["time_s"] is None
+        row["total_time_s"] = None if pending else round(pre["time_s"] + row["time_s"], 1)
     table = _table(rows, ["run", "arm", "img_size", "steps", "total_steps", "test_top1", "best_top1", "time_s",
                           "total_time_s"])
-    text = (f"{_header(study, 'Resolution study')}\n\nThe fine-tuned arm spends {total - tune} steps at {low} px and "
+    text = (f"{_header(study, 'Resolution study', rows)}\n\nThe fine-tuned arm spends {total - tune} steps at {low} px and "
             f"{tune} at {high} px ({finetune_fraction:.0%}, SGD momentum 0.9, no weight decay, the pre-trained head "
             f"kept); the other arms spend all {total} steps at one resolution.\n\n{table}\n")
     figure = _bars([f"{row['model']}\n{row['arm']}" for row in rows], rows,
@@ -273,8 +279,9 @@ def _check_resizable(recipe: dict[str, Any], low: int, high: int) -> None:
 
 # ---------------------------------------------------------------- running
 
-def _execute(runs: Sequence[Run]) -> list[dict[str, Any]]:
-    """Run (or reuse, or resume) each run in turn and return one row per run."""
+def _execute(runs: Sequence[Run], train: bool = True) -> list[dict[str, Any]]:
+    """Run (or reuse, or resume) each run in turn and return one row per run; with `train=False` an unfinished run
+    is left as it is and its row is pending (results None)."""
     from vitlab.train.loop import Trainer
 
     rows = []
@@ -282,19 +289,20 @@ def _execute(runs: Sequence[Run]) -> list[dict[str, Any]]:
         out = Path(run.config.out)
         record = _record(out, run.config)
         reused = record is not None and record.get("step") == record.get("total_steps")
+        state = ("finished before, reused" if reused else "pending, not trained" if not train
+                 else "resuming" if record else "training")
         print(f"[{index}/{len(runs)}] {run.name}: {run.row['steps']} steps of {run.config.batch_size} on "
-              f"{run.config.subset} images "
-              f"({'finished before, reused' if reused else 'resuming' if record else 'training'}) in {out}",
-              flush=True)
-        if not reused:
+              f"{run.config.subset} images ({state}) in {out}", flush=True)
+        if not reused and train:
             Trainer(run.config, resume=True).fit()
             record = _record(out, run.config)
         row = {"run": run.name, **run.row, "model_name": run.config.model,
                "epochs": round(run.row["steps"] / (run.config.subset // run.config.batch_size), 2),
-               **_results(out, record),
+               **(_results(out, record) if reused or train else _pending(out, run.config, record)),
                "reused": reused}
-        print(f"    test top-1 {row['test_top1']:.2f}% (best {row['best_top1']:.2f}%) in {row['time_s']:.0f} s",
-              flush=True)
+        if row["test_top1"] is not None:
+            print(f"    test top-1 {row['test_top1']:.2f}% (best {row['best_top1']:.2f}%) in {row['time_s']:.0f} s",
+                  flush=True)
         rows.append(row)
     return rows
 
@@ -319,6 +327,19 @@ def _record(out: Path, config: TrainConfig) -> dict[str, Any] | None:
     return record
 
 
+def _parameters(config: Any) -> int:
+    with torch.device("meta"):  # count parameters without allocating them
+        return sum(p.numel() for p in build_model(config).parameters())
+
+
+def _pending(out: Path, config: TrainConfig, record: dict[str, Any] | None) -> dict[str, Any]:
+    """The row of a run that has not finished: no results, the step it has reached."""
+    return {"test_top1": None, "best_top1": None, "time_s": None,
+            "parameters": _parameters(model_config(config.model, img_size=config.img_size,
+                                                   **config.model_overrides)),
+            "out": str(out), "reached_step": record.get("step", 0) if record else 0}
+
+
 def _results(out: Path, record: dict[str, Any]) -> dict[str, Any]:
     """Final and best test top-1 (%), time and parameter count of a finished run."""
     metrics = []
@@ -330,10 +351,9 @@ def _results(out: Path, record: dict[str, Any]) -> dict[str, Any]:
     final = next((item for item in metrics if item.get("step") == record["step"]), None)
     if final is None:
         raise VitlabError(f"{out}/metrics.jsonl has no evaluation at the run's last step {record['step']}")
-    with torch.device("meta"):  # count parameters without allocating them
-        model = build_model(config_from_dict(record["model_config"], str(out / "last.json")))
     return {"test_top1": round(100 * final["test_top1"], 2), "best_top1": round(100 * record["best_top1"], 2),
-            "time_s": round(final["elapsed_s"], 1), "parameters": sum(p.numel() for p in model.parameters()),
+            "time_s": round(final["elapsed_s"], 1),
+            "parameters": _parameters(config_from_dict(record["model_config"], str(out / "last.json"))),
             "out": str(out)}
 
 
@@ -343,11 +363,15 @@ def _find(rows: Sequence[dict[str, Any]], **match: Any) -> dict[str, Any]:
     return next(row for row in rows if all(row.get(key) == value for key, value in match.items()))
 
 
-def _header(study: Study, title: str) -> str:
+def _header(study: Study, title: str, rows: Sequence[dict[str, Any]]) -> str:
     lines = [f"## {title} on {study.dataset}", "",
              f"Budget: {study.budget.rule()}. Test top-1 is the final model's on the whole test split; \"best\" is "
              "the best of the run's evaluations (the paper's early stopping, here chosen on the test set, so "
              "optimistic)."]
+    pending = [f"{row['run']} (step {row['reached_step']:,} of {row['steps']:,})" for row in rows
+               if row["test_top1"] is None]
+    if pending:
+        lines += ["", f"Not finished yet ({len(pending)} of {len(rows)} runs, shown as —): {', '.join(pending)}."]
     if study.command:
         lines += ["", f"Command: `{study.command}`"]
     return "\n".join(lines)
@@ -362,7 +386,7 @@ def _table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     def cell(value: Any) -> str:
         if isinstance(value, float):
             return f"{value:.2f}"
-        return f"{value:,}" if isinstance(value, int) else str(value if value is not None else "")
+        return f"{value:,}" if isinstance(value, int) else str(value if value is not None else "—")
 
     lines = ["| " + " | ".join(_LABELS.get(column, column) for column in columns) + " |",
              "|" + "---|" * len(columns)]
@@ -374,11 +398,12 @@ def _bars(labels: Sequence[str], rows: Sequence[dict[str, Any]], title: str) -> 
     figure = Figure(figsize=(max(4.0, 1.6 * len(rows)), 4.2))
     axes = figure.add_subplot()
     values = [row["test_top1"] for row in rows]
-    bars = axes.bar(range(len(rows)), values, color="tab:blue")
-    axes.bar_label(bars, labels=[f"{value:.1f}" for value in values])
+    finished = [value for value in values if value is not None] or [0.0]
+    bars = axes.bar(range(len(rows)), [value or 0.0 for value in values], color="tab:blue")  # pending: no bar
+    axes.bar_label(bars, labels=["pending" if value is None else f"{value:.1f}" for value in values])
     axes.set_xticks(range(len(rows)), labels, fontsize=8)
     axes.set_ylabel("test top-1 (%)")
-    axes.set_ylim(max(0.0, min(values) - 10), min(100.0, max(values) + 5))
+    axes.set_ylim(max(0.0, min(finished) - 10), min(100.0, max(finished) + 5))
     axes.set_title(title)
     return figure
 

@@ -53,6 +53,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--evals", type=int, help=f"test evaluations per run ({full.evals}; --quick {quick.evals})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", dest="progress", action="store_false")
+    parser.add_argument("--no-train", dest="train", action="store_false",
+                        help="train nothing: write the table from the runs that have finished, the rest as pending")
     parser.add_argument("--set", dest="settings", action="append", default=[], metavar="FIELD=VALUE",
                         help="a TrainConfig field for every run, e.g. --set threads=2 (repeatable)")
 
@@ -64,7 +66,7 @@ def _study(args: argparse.Namespace) -> studies.Study:
     settings = parse_settings(args.settings)
     override(TrainConfig(), settings)  # refuse a bad --set before any run starts
     return studies.Study(dataset=args.dataset, budget=budget, out=args.out, seed=args.seed, settings=settings,
-                         progress=args.progress, command=shlex.join(["vitlab", *args.argv]))
+                         progress=args.progress, train=args.train, command=shlex.join(["vitlab", *args.argv]))
 
 
 def _size(args: argparse.Namespace) -> int | None:
