@@ -1,6 +1,7 @@
 """Throughput of vitlab against timm and Hugging Face on identical weights: inference and full training steps.
 
     python benchmarks/throughput.py [--models vit-ti16 vit-s16 fmnist-vit] [--repeats 3] [--json PATH] [--quick]
+    python benchmarks/throughput.py --device cuda [--bf16] [--compile]     # on a GPU
 
 Every row runs its contenders interleaved (A, B, C, A, B, C, ...) after a warm-up and reports the median of the
 repeats, so drift on a shared machine hits all of them alike; ratios to timm are the numbers to compare, not
@@ -14,6 +15,11 @@ library: the peak resident set size during two steps (VmHWM, reset just before t
 AdamW state and workspace. tracemalloc does not see torch's CPU tensors; the RSS peak does. The timed rows run
 with glibc told to keep freed memory (`vitlab.allocator`, as the `vitlab` command does), for all three libraries:
 without it, repeated page faults decide some rows rather than the models (README, Performance).
+
+On a GPU (`--device cuda`) the same rows run with CUDA synchronised around every timing, optionally under bf16
+autocast (`--bf16`, so SDPA can take its flash kernel) and with every library's model compiled (`--compile`); the
+matmul peak is then timed in the run's dtype, a step's memory is the CUDA allocator's peak growth over two steps,
+and the int8 contender (ONNX Runtime on the CPU) is left out.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -189,7 +196,8 @@ def build_int8(source: VisionTransformer, folder: Path, threads: int) -> Contend
                           "GFLOP/s are fp32-equivalent")
 
 
-def build_contenders(spec: Spec, libraries: tuple[str, ...], folder: Path) -> dict[str, Contender]:
+def build_contenders(spec: Spec, libraries: tuple[str, ...], folder: Path,
+                     device: torch.device = torch.device("cpu")) -> dict[str, Contender]:
     source = build_vitlab(spec)
     contenders = {"vitlab": Contender("vitlab", source, source)}
     if "timm" in libraries:
@@ -198,19 +206,24 @@ def build_contenders(spec: Spec, libraries: tuple[str, ...], folder: Path) -> di
         contenders["hf"] = build_hf(spec, source, folder)
     if "vitlab-int8" in libraries:
         contenders["vitlab-int8"] = build_int8(source, folder, torch.get_num_threads())
+    for contender in contenders.values():
+        if contender.library != "vitlab-int8":  # ONNX Runtime's CPU session stays where it is
+            contender.model.to(device)
     return contenders
 
 
-def images(spec: Spec, batch: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def images(spec: Spec, batch: int, seed: int = 1,
+           device: torch.device = torch.device("cpu")) -> tuple[torch.Tensor, torch.Tensor]:
     config = spec.config
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, config.in_chans, *config.img_size, generator=generator)
-    return x, torch.randint(config.num_classes, (batch,), generator=generator)
+    return x.to(device), torch.randint(config.num_classes, (batch,), generator=generator).to(device)
 
 
-def max_logit_difference(contenders: dict[str, Contender], spec: Spec) -> dict[str, float]:
+def max_logit_difference(contenders: dict[str, Contender], spec: Spec,
+                         device: torch.device = torch.device("cpu")) -> dict[str, float]:
     """Largest |logit - vitlab's logit| per library on two images: 0 up to float rounding for identical functions."""
-    x, _ = images(spec, 2, seed=2)
+    x, _ = images(spec, 2, seed=2, device=device)
     with torch.inference_mode():
         for contender in contenders.values():
             contender.model.eval()
@@ -235,9 +248,10 @@ CPU_ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cp
                        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_backward_flops}
 
 
-def flops_per_image(contender: Contender, spec: Spec, train: bool) -> int:
+def flops_per_image(contender: Contender, spec: Spec, train: bool,
+                    device: torch.device = torch.device("cpu")) -> int:
     """FLOPs of one image (a batch of 1; every op here is linear in the batch): forward, or forward + backward."""
-    x, y = images(spec, 1)
+    x, y = images(spec, 1, device=device)
     model = contender.model.train(train)
     with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
         if train:
@@ -249,44 +263,62 @@ def flops_per_image(contender: Contender, spec: Spec, train: bool) -> int:
     return counter.get_total_flops()
 
 
+def synchronizer(device: torch.device) -> Callable[[], None]:
+    """What makes a timing end when the work does: CUDA kernels run asynchronously, CPU ops do not."""
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+
+def autocast(device: torch.device, bf16: bool) -> AbstractContextManager[Any]:
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
 def interleaved_rates(calls: dict[str, Callable[[], Any]], batch: int, repeats: int, warmup: int,
-                      target_s: float) -> dict[str, float]:
+                      target_s: float, sync: Callable[[], None] = lambda: None) -> dict[str, float]:
     """Median images per second of each call, timed A, B, C, A, B, C, ... with the same iteration count for all.
 
-    The iteration count makes one timing last about `target_s` (at least one call), from the warm-up's last call."""
+    The iteration count makes one timing last about `target_s` (at least one call), from the warm-up's last call.
+    `sync` waits for the device before a timing starts and before it ends."""
     last = {}
     for name, call in calls.items():
         for _ in range(warmup):
+            sync()
             start = time.perf_counter()
             call()
+            sync()
             last[name] = time.perf_counter() - start
     iterations = max(1, math.ceil(target_s / statistics.median(last.values())))
     rates: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(repeats):
         for name, call in calls.items():
+            sync()
             start = time.perf_counter()
             for _ in range(iterations):
                 call()
+            sync()
             rates[name].append(batch * iterations / (time.perf_counter() - start))
     return {name: statistics.median(values) for name, values in rates.items()}
 
 
-def matmul_peak(size: int, repeats: int, warmup: int, target_s: float) -> float:
-    """GFLOP/s of a square fp32 matmul, timed like the models (median of repeats)."""
+def matmul_peak(size: int, repeats: int, warmup: int, target_s: float, device: torch.device = torch.device("cpu"),
+                dtype: torch.dtype = torch.float32) -> float:
+    """GFLOP/s of a square matmul in the run's dtype, timed like the models (median of repeats)."""
     generator = torch.Generator().manual_seed(0)
-    a, b = torch.randn(size, size, generator=generator), torch.randn(size, size, generator=generator)
-    out = torch.empty(size, size)
-    rate = interleaved_rates({"mm": lambda: torch.mm(a, b, out=out)}, 1, repeats, warmup, target_s)["mm"]
+    a, b = (torch.randn(size, size, generator=generator).to(device, dtype) for _ in range(2))
+    out = torch.empty(size, size, device=device, dtype=dtype)
+    rate = interleaved_rates({"mm": lambda: torch.mm(a, b, out=out)}, 1, repeats, warmup, target_s,
+                             synchronizer(device))["mm"]
     return rate * 2 * size ** 3 / 1e9
 
 
-def training_step(contender: Contender, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+def training_step(contender: Contender, x: torch.Tensor, y: torch.Tensor, bf16: bool = False) -> Callable[[], None]:
     model = contender.model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(contender.forward(x), y).backward()
+        with autocast(x.device, bf16):
+            loss = F.cross_entropy(contender.forward(x), y)
+        loss.backward()
         optimizer.step()
     return step
 
@@ -315,6 +347,22 @@ def memory_probe(library: str, key: str, batch: int) -> dict[str, float]:
     return {"baseline_mb": baseline, "peak_mb": peak, "step_mb": peak - baseline}
 
 
+def cuda_step_memory(contender: Contender, x: torch.Tensor, y: torch.Tensor, bf16: bool) -> dict[str, float]:
+    """The CUDA allocator's peak growth over two training steps with a fresh optimizer (the GPU's memory probe)."""
+    step = training_step(contender, x, y, bf16)
+    contender.model.zero_grad(set_to_none=True)
+    torch.cuda.synchronize(x.device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(x.device)
+    baseline = torch.cuda.memory_allocated(x.device) / 2 ** 20
+    step()
+    step()
+    torch.cuda.synchronize(x.device)
+    peak = torch.cuda.max_memory_allocated(x.device) / 2 ** 20
+    contender.model.zero_grad(set_to_none=True)
+    return {"baseline_mb": baseline, "peak_mb": peak, "step_mb": peak - baseline}
+
+
 def measure_memory(library: str, key: str, batch: int) -> dict[str, float] | None:
     command = [sys.executable, str(Path(__file__).resolve()), "--threads", str(torch.get_num_threads()),
                "--memory-probe", library, key, str(batch)]
@@ -338,6 +386,13 @@ class Settings:
     threads: int = DEFAULT_THREADS
     memory: bool = True
     libraries: tuple[str, ...] = LIBRARIES
+    device: torch.device = torch.device("cpu")
+    bf16: bool = False  # bf16 autocast for the PyTorch contenders
+    compile: bool = False  # torch.compile every PyTorch contender's model
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.bf16 else torch.float32
 
 
 @dataclass
@@ -355,38 +410,46 @@ class Row:
 
 
 def bench_model(spec: Spec, settings: Settings, peak: float, folder: Path) -> tuple[list[Row], dict[str, Any]]:
-    contenders = build_contenders(spec, settings.libraries, folder)
-    info = {"max_logit_diff_to_vitlab": max_logit_difference(contenders, spec),
+    device = settings.device
+    contenders = build_contenders(spec, settings.libraries, folder, device)
+    info = {"max_logit_diff_to_vitlab": max_logit_difference(contenders, spec, device),
             "notes": [c.note for c in contenders.values() if c.note]}
     # One count per function, on timm's model: the same math counts differently per kernel (vitlab's explicit
     # attention for short sequences is bmm + softmax, whose backward the counter rates above fused attention's).
     reference = contenders.get("timm", contenders["vitlab"])
-    counted = {train: flops_per_image(reference, spec, train) for train in (False, True)}
-    flops = {(name, train): counted[train] if c.same_function else flops_per_image(c, spec, train)
+    counted = {train: flops_per_image(reference, spec, train, device) for train in (False, True)}
+    flops = {(name, train): counted[train] if c.same_function else flops_per_image(c, spec, train, device)
              for name, c in contenders.items() for train in (False, True)}
+    if settings.compile:  # after counting: the counter sees the eager ops; the parameters stay the module's
+        for contender in contenders.values():
+            if contender.library != "vitlab-int8":
+                contender.forward = torch.compile(contender.forward)
+    sync = synchronizer(device)
     rows = []
     for mode, batch in [("infer", b) for b in settings.infer_batches] + [("train", settings.train_batch(spec))]:
         train = mode == "train"
         active = {name: c for name, c in contenders.items() if c.trainable or not train}
         row = Row(spec.key, mode, batch)
         row.gflop_per_img = {name: flops[name, train] / 1e9 for name in active}
-        x, y = images(spec, batch)
+        x, y = images(spec, batch, device=device)
         if train:
-            calls = {name: training_step(c, x, y) for name, c in active.items()}
-            row.img_s = interleaved_rates(calls, batch, settings.repeats, settings.warmup, settings.target_s)
+            calls = {name: training_step(c, x, y, settings.bf16) for name, c in active.items()}
+            row.img_s = interleaved_rates(calls, batch, settings.repeats, settings.warmup, settings.target_s, sync)
         else:
             for contender in active.values():
                 contender.model.eval()
             calls = {name: (lambda c=c, x=x: c.forward(x)) for name, c in active.items()}
-            with torch.inference_mode():
-                row.img_s = interleaved_rates(calls, batch, settings.repeats, settings.warmup, settings.target_s)
+            with torch.inference_mode(), autocast(device, settings.bf16):
+                row.img_s = interleaved_rates(calls, batch, settings.repeats, settings.warmup, settings.target_s,
+                                              sync)
         for name, rate in row.img_s.items():
             row.ratio_to_timm[name] = rate / row.img_s["timm"] if "timm" in row.img_s else math.nan
             row.gflops[name] = rate * row.gflop_per_img[name]
             row.peak_share[name] = row.gflops[name] / peak
         if train and settings.memory:
-            for name in active:
-                probe = measure_memory(name, spec.key, batch)
+            for name, contender in active.items():
+                probe = (cuda_step_memory(contender, x, y, settings.bf16) if device.type == "cuda"
+                         else measure_memory(name, spec.key, batch))
                 if probe is not None:
                     row.step_memory_mb[name] = probe["step_mb"]
             if "timm" in row.step_memory_mb:
@@ -398,7 +461,7 @@ def bench_model(spec: Spec, settings: Settings, peak: float, folder: Path) -> tu
     return rows, info
 
 
-def machine(threads: int) -> dict[str, Any]:
+def machine(threads: int, device: torch.device = torch.device("cpu")) -> dict[str, Any]:
     cpu = platform.processor()
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -411,7 +474,8 @@ def machine(threads: int) -> dict[str, Any]:
             versions[name] = __import__(name).__version__
         except ImportError:
             versions[name] = None
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "versions": versions}
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "gpu": gpu, "versions": versions}
 
 
 LABELS = {"vitlab": "vitlab", "timm": "timm", "hf": "HF", "vitlab-int8": "vitlab int8"}
@@ -451,8 +515,11 @@ def run(models: list[str], settings: Settings, json_path: Path) -> dict[str, Any
     torch.set_num_threads(settings.threads)
     started = time.perf_counter()
     load_before = os.getloadavg()
-    peak = matmul_peak(settings.peak_size, max(settings.repeats, 3), settings.warmup, settings.target_s)
-    print(f"fp32 matmul peak ({settings.peak_size}², {settings.threads} threads): {peak:.1f} GFLOP/s", flush=True)
+    peak = matmul_peak(settings.peak_size, max(settings.repeats, 3), settings.warmup, settings.target_s,
+                       settings.device, settings.dtype)
+    precision = "bf16" if settings.bf16 else "fp32"
+    print(f"{precision} matmul peak ({settings.peak_size}², {settings.device}, {settings.threads} threads): "
+          f"{peak:.1f} GFLOP/s", flush=True)
     rows: list[Row] = []
     models_info: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="vitlab-bench-") as folder:
@@ -463,10 +530,17 @@ def run(models: list[str], settings: Settings, json_path: Path) -> dict[str, Any
     notes += [("training step: zero_grad + forward + cross-entropy + backward + AdamW on the bare model (no vitlab "
                "Trainer); FLOPs from torch.utils.flop_counter at batch 1 × batch (matmuls, convolutions, attention), "
                "counted once, on timm's model, for every library that computes the same function"),
-              ("step memory: peak RSS growth over two steps in a fresh process per library (activations, gradients, "
+              ("step memory: the CUDA allocator's peak growth over two steps with a fresh AdamW, per library"
+               if settings.device.type == "cuda" else
+               "step memory: peak RSS growth over two steps in a fresh process per library (activations, gradients, "
                "AdamW state, workspace), measured sequentially after the timings")]
+    if settings.bf16 or settings.compile:
+        notes.append(f"{precision}{' autocast' if settings.bf16 else ''}"
+                     f"{', torch.compile on every PyTorch model' if settings.compile else ''}; matmul peak in {precision}")
     result = {
-        "date": datetime.date.today().isoformat(), "machine": machine(settings.threads), "repeats": settings.repeats,
+        "date": datetime.date.today().isoformat(), "machine": machine(settings.threads, settings.device),
+        "device": str(settings.device), "precision": precision, "compile": settings.compile,
+        "repeats": settings.repeats,
         "load_average_before": load_before, "load_average_after": os.getloadavg(),
         "matmul_peak_gflops": peak, "matmul_size": settings.peak_size, "wall_s": time.perf_counter() - started,
         "models": models_info, "notes": notes, "rows": [dataclasses.asdict(row) for row in rows]}
@@ -496,8 +570,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="1 repeat, batches 1/2 and training batch 4, one call per timing: checks it runs")
     parser.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="torch and ONNX Runtime threads")
     parser.add_argument("--no-memory", action="store_true", help="skip the training-step memory subprocesses")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the PyTorch models (GPU runs)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every PyTorch model")
     parser.add_argument("--memory-probe", nargs=3, metavar=("LIBRARY", "MODEL", "BATCH"), help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    try:
+        args.device = torch.device(args.device)
+    except RuntimeError as error:
+        parser.error(f"--device {args.device!r}: {error}")
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available on this machine")
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
@@ -508,13 +592,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         print(json.dumps(memory_probe(library, key, int(batch))))
         return None
     keep_freed_memory()  # as the vitlab CLI does; one process, so every library's rows run with it
+    target = {"threads": args.threads, "memory": not args.no_memory, "device": args.device, "bf16": args.bf16,
+              "compile": args.compile,
+              # int8 is ONNX Runtime on the CPU: beside a GPU's rows it would time another machine
+              "libraries": tuple(name for name in LIBRARIES if args.device.type == "cpu" or name != "vitlab-int8")}
     if args.quick:
         settings = Settings(repeats=1, warmup=1, target_s=0.0, infer_batches=(1, 2), train_batch=lambda spec: 4,
-                            peak_size=256, threads=args.threads, memory=not args.no_memory)
+                            peak_size=256, **target)
     else:
         settings = Settings(repeats=args.repeats, warmup=2, target_s=1.0, infer_batches=(1, 32),
-                            train_batch=lambda spec: spec.train_batch, peak_size=2048, threads=args.threads,
-                            memory=not args.no_memory)
+                            train_batch=lambda spec: spec.train_batch,
+                            peak_size=2048 if args.device.type == "cpu" else 8192, **target)
     return run(args.models, settings, args.json)
 
 

@@ -48,3 +48,19 @@ def test_memory_probe_measures_a_training_step(bench) -> None:
     probe = bench.memory_probe("vitlab", "fmnist-vit", 4)
     assert probe["peak_mb"] >= probe["baseline_mb"] > 0
     assert probe["step_mb"] == pytest.approx(probe["peak_mb"] - probe["baseline_mb"])
+
+
+def test_bf16_autocast_rows_and_a_missing_gpu(bench, tmp_path, capsys) -> None:
+    """The GPU run's bf16 path, exercised on the CPU; asking for CUDA where there is none is one clear line."""
+    path = tmp_path / "bf16.json"
+    bench.main(["--quick", "--models", "fmnist-vit", "--threads", "1", "--no-memory", "--bf16", "--json", str(path)])
+    result = json.loads(path.read_text())
+    assert result["precision"] == "bf16" and result["device"] == "cpu" and not result["compile"]
+    assert all(row["img_s"]["vitlab"] > 0 and row["ratio_to_timm"]["timm"] == 1.0 for row in result["rows"])
+    assert any("bf16 autocast" in note for note in result["notes"])
+    assert "bf16 matmul peak" in capsys.readouterr().out
+    if not bench.torch.cuda.is_available():
+        with pytest.raises(SystemExit) as exit_:
+            bench.parse_args(["--device", "cuda"])
+        assert exit_.value.code == 2
+        assert "--device cuda: CUDA is not available" in capsys.readouterr().err
