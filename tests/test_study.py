@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,17 @@ def test_rerun_reuses_finished_runs_and_refuses_changed_ones(data_size: Path,
     assert capsys.readouterr().out.count("finished before, reused") == 2
     assert main(["study", "data-size", *QUICK, "--min-steps", "9", "--models", "vit", "--out", str(data_size)]) == 2
     one_error_line(capsys, "vit-200 holds a run with other settings", "epochs")
+
+
+def test_finished_runs_are_reused_from_their_records_alone(data_size: Path, tmp_path: Path) -> None:
+    """What a clone of a repository that keeps the records (not the weights) of a study's runs holds."""
+    copy = tmp_path / "records"
+    shutil.copytree(data_size, copy, ignore=shutil.ignore_patterns("*.safetensors"))
+    assert main(["study", "data-size", *QUICK, "--models", "vit", "--out", str(copy)]) == 0
+    assert all(row["reused"] for row in rows_of(copy, "data-size"))
+    assert [row["test_top1"] for row in rows_of(copy, "data-size")] == [
+        row["test_top1"] for row in rows_of(data_size, "data-size")]
+    assert not list(copy.rglob("*.safetensors"))  # nothing was trained again
 
 
 def test_no_train_reports_finished_runs_and_leaves_the_rest_pending(data_size: Path,
