@@ -272,6 +272,11 @@ def autocast(device: torch.device, bf16: bool) -> AbstractContextManager[Any]:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
+def autocast_call(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, bf16: bool) -> torch.Tensor:
+    with autocast(x.device, bf16):
+        return forward(x)
+
+
 def interleaved_rates(calls: dict[str, Callable[[], Any]], batch: int, repeats: int, warmup: int,
                       target_s: float, sync: Callable[[], None] = lambda: None) -> dict[str, float]:
     """Median images per second of each call, timed A, B, C, A, B, C, ... with the same iteration count for all.
@@ -331,13 +336,13 @@ def _memory_mb(field: str) -> float:
     return int(match.group(1)) / 1024
 
 
-def memory_probe(library: str, key: str, batch: int) -> dict[str, float]:
+def memory_probe(library: str, key: str, batch: int, bf16: bool = False) -> dict[str, float]:
     """Run in a fresh process: peak RSS growth over two training steps of one library's model."""
     spec = SPECS[key]
     with tempfile.TemporaryDirectory(prefix="vitlab-bench-") as folder:
         contenders = build_contenders(spec, ("vitlab", library), Path(folder))  # all kept alive: nothing freed
     x, y = images(spec, batch)
-    step = training_step(contenders[library], x, y)
+    step = training_step(contenders[library], x, y, bf16)
     ctypes.CDLL("libc.so.6").malloc_trim(0)  # memory freed while building goes back, so the baseline is live data
     Path("/proc/self/clear_refs").write_text("5")  # the peak restarts here: building's own peaks do not count
     baseline = _memory_mb("VmRSS")
@@ -363,9 +368,10 @@ def cuda_step_memory(contender: Contender, x: torch.Tensor, y: torch.Tensor, bf1
     return {"baseline_mb": baseline, "peak_mb": peak, "step_mb": peak - baseline}
 
 
-def measure_memory(library: str, key: str, batch: int) -> dict[str, float] | None:
+def measure_memory(library: str, key: str, batch: int, bf16: bool = False) -> dict[str, float] | None:
+    """The CPU's memory probe, in a fresh process; eager (a compiled step's memory is measured on the GPU only)."""
     command = [sys.executable, str(Path(__file__).resolve()), "--threads", str(torch.get_num_threads()),
-               "--memory-probe", library, key, str(batch)]
+               "--memory-probe", library, key, str(batch)] + (["--bf16"] if bf16 else [])
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode:
         print(f"  memory probe {library} {key} failed: {result.stderr.strip().splitlines()[-1:]}", flush=True)
@@ -421,9 +427,12 @@ def bench_model(spec: Spec, settings: Settings, peak: float, folder: Path) -> tu
     flops = {(name, train): counted[train] if c.same_function else flops_per_image(c, spec, train, device)
              for name, c in contenders.items() for train in (False, True)}
     if settings.compile:  # after counting: the counter sees the eager ops; the parameters stay the module's
+        # Dynamo keys its shape guesses and recompile count by code object, which every model shares: without a
+        # reset, later models would compile with dynamic shapes or, past the recompile limit, run eagerly.
+        torch._dynamo.reset()
         for contender in contenders.values():
             if contender.library != "vitlab-int8":
-                contender.forward = torch.compile(contender.forward)
+                contender.forward = torch.compile(contender.forward, dynamic=False)
     sync = synchronizer(device)
     rows = []
     for mode, batch in [("infer", b) for b in settings.infer_batches] + [("train", settings.train_batch(spec))]:
@@ -438,8 +447,9 @@ def bench_model(spec: Spec, settings: Settings, peak: float, folder: Path) -> tu
         else:
             for contender in active.values():
                 contender.model.eval()
-            calls = {name: (lambda c=c, x=x: c.forward(x)) for name, c in active.items()}
-            with torch.inference_mode(), autocast(device, settings.bf16):
+            # autocast is entered per call, as a user does per batch: its weight-cast cache lives that long
+            calls = {name: (lambda c=c, x=x: autocast_call(c.forward, x, settings.bf16)) for name, c in active.items()}
+            with torch.inference_mode():
                 row.img_s = interleaved_rates(calls, batch, settings.repeats, settings.warmup, settings.target_s,
                                               sync)
         for name, rate in row.img_s.items():
@@ -449,7 +459,7 @@ def bench_model(spec: Spec, settings: Settings, peak: float, folder: Path) -> tu
         if train and settings.memory:
             for name, contender in active.items():
                 probe = (cuda_step_memory(contender, x, y, settings.bf16) if device.type == "cuda"
-                         else measure_memory(name, spec.key, batch))
+                         else measure_memory(name, spec.key, batch, settings.bf16))
                 if probe is not None:
                     row.step_memory_mb[name] = probe["step_mb"]
             if "timm" in row.step_memory_mb:
@@ -540,6 +550,8 @@ def run(models: list[str], settings: Settings, json_path: Path) -> dict[str, Any
     result = {
         "date": datetime.date.today().isoformat(), "machine": machine(settings.threads, settings.device),
         "device": str(settings.device), "precision": precision, "compile": settings.compile,
+        # what "fp32" means on a GPU: TF32 tensor cores in matmuls and convolutions, or not
+        "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32},
         "repeats": settings.repeats,
         "load_average_before": load_before, "load_average_after": os.getloadavg(),
         "matmul_peak_gflops": peak, "matmul_size": settings.peak_size, "wall_s": time.perf_counter() - started,
@@ -589,7 +601,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     torch.set_num_threads(args.threads)
     if args.memory_probe:
         library, key, batch = args.memory_probe
-        print(json.dumps(memory_probe(library, key, int(batch))))
+        print(json.dumps(memory_probe(library, key, int(batch), args.bf16)))
         return None
     keep_freed_memory()  # as the vitlab CLI does; one process, so every library's rows run with it
     target = {"threads": args.threads, "memory": not args.no_memory, "device": args.device, "bf16": args.bf16,

@@ -20,6 +20,15 @@ from vitlab.weights import load_model
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 
+def randomised(model: torch.nn.Module) -> torch.nn.Module:
+    """Every parameter nudged at random: zero heads would make every logit 0, whatever the rest computes."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.02)
+    return model
+
+
 def test_auto_device_is_cuda_and_training_runs_under_bf16(tmp_path: Path) -> None:
     assert select_device("auto").type == "cuda"
     config = TrainConfig(model="vit-mini-p4-28", model_overrides={"embed_dim": 32, "depth": 2, "num_heads": 2,
@@ -37,7 +46,7 @@ def test_auto_device_is_cuda_and_training_runs_under_bf16(tmp_path: Path) -> Non
 
 
 def test_vit_attention_runs_on_the_flash_kernel_in_bf16() -> None:
-    model = create_model("vit-s16").cuda().eval()
+    model = randomised(create_model("vit-s16")).cuda().eval()
     x = torch.randn(4, 3, 224, 224, device="cuda")
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):  # raises if the flash kernel cannot take these inputs
@@ -49,21 +58,15 @@ def test_vit_attention_runs_on_the_flash_kernel_in_bf16() -> None:
 
 @pytest.mark.parametrize("name", ["vit-ti16", "resnet-bit-mini-28", "mixer-mini-p4-28", "perceiver-mini-28"])
 def test_cuda_fp32_logits_match_the_cpu(name: str) -> None:
-    torch.manual_seed(0)
-    model = create_model(name).eval()
-    with torch.no_grad():
-        for parameter in model.parameters():  # zero heads would make every logit 0 on both devices
-            parameter.add_(torch.randn_like(parameter) * 0.02)
+    model = randomised(create_model(name)).eval()
     config = model.config
     x = torch.randn(2, config.in_chans, *config.img_size)
-    allow_tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    allow_tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
         with torch.inference_mode():
             cpu = model(x)
             cuda = model.cuda()(x.cuda()).cpu()
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = allow_tf32
     assert torch.allclose(cpu, cuda, atol=1e-4, rtol=1e-4), (cpu - cuda).abs().max()

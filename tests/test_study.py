@@ -75,7 +75,6 @@ def test_no_train_reports_finished_runs_and_leaves_the_rest_pending(data_size: P
     rows = {row["run"]: row for row in rows_of(data_size, "data-size")}
     assert rows["vit-400"]["reused"] and rows["vit-400"]["test_top1"] is not None
     assert rows["mixer-400"]["test_top1"] is None and rows["mixer-400"]["reached_step"] == 0
-    assert rows["mixer-400"]["parameters"] == 835_376
     table = (data_size / "data-size.md").read_text()
     assert "Not finished yet (2 of 4 runs, shown as —): mixer-200 (step 0 of 8), mixer-400 (step 0 of 12)" in table
     assert "| mixer | — | — |" in table

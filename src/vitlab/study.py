@@ -289,8 +289,10 @@ def _execute(runs: Sequence[Run], train: bool = True) -> list[dict[str, Any]]:
         out = Path(run.config.out)
         record = _record(out, run.config)
         reused = record is not None and record.get("step") == record.get("total_steps")
+        weights_kept = any((out / name).exists() for name in ("last.safetensors", "last.prev.safetensors"))
         state = ("finished before, reused" if reused else "pending, not trained" if not train
-                 else "resuming" if record else "training")
+                 else "training" if not record else "resuming" if weights_kept
+                 else "restarting: its record was kept without its weights")
         print(f"[{index}/{len(runs)}] {run.name}: {run.row['steps']} steps of {run.config.batch_size} on "
               f"{run.config.subset} images ({state}) in {out}", flush=True)
         if not reused and train:
@@ -298,7 +300,7 @@ def _execute(runs: Sequence[Run], train: bool = True) -> list[dict[str, Any]]:
             record = _record(out, run.config)
         row = {"run": run.name, **run.row, "model_name": run.config.model,
                "epochs": round(run.row["steps"] / (run.config.subset // run.config.batch_size), 2),
-               **(_results(out, record) if reused or train else _pending(out, run.config, record)),
+               **(_results(out, record) if reused or train else _pending(out, record)),
                "reused": reused}
         if row["test_top1"] is not None:
             print(f"    test top-1 {row['test_top1']:.2f}% (best {row['best_top1']:.2f}%) in {row['time_s']:.0f} s",
@@ -327,17 +329,11 @@ def _record(out: Path, config: TrainConfig) -> dict[str, Any] | None:
     return record
 
 
-def _parameters(config: Any) -> int:
-    with torch.device("meta"):  # count parameters without allocating them
-        return sum(p.numel() for p in build_model(config).parameters())
-
-
-def _pending(out: Path, config: TrainConfig, record: dict[str, Any] | None) -> dict[str, Any]:
-    """The row of a run that has not finished: no results, the step it has reached."""
-    return {"test_top1": None, "best_top1": None, "time_s": None,
-            "parameters": _parameters(model_config(config.model, img_size=config.img_size,
-                                                   **config.model_overrides)),
-            "out": str(out), "reached_step": record.get("step", 0) if record else 0}
+def _pending(out: Path, record: dict[str, Any] | None) -> dict[str, Any]:
+    """The row of a run that has not finished: no results (nor a parameter count, which depends on the data set's
+    channels and classes), the step it has reached."""
+    return {"test_top1": None, "best_top1": None, "time_s": None, "parameters": None, "out": str(out),
+            "reached_step": record.get("step", 0) if record else 0}
 
 
 def _results(out: Path, record: dict[str, Any]) -> dict[str, Any]:
@@ -351,9 +347,10 @@ def _results(out: Path, record: dict[str, Any]) -> dict[str, Any]:
     final = next((item for item in metrics if item.get("step") == record["step"]), None)
     if final is None:
         raise VitlabError(f"{out}/metrics.jsonl has no evaluation at the run's last step {record['step']}")
+    with torch.device("meta"):  # count parameters without allocating them
+        model = build_model(config_from_dict(record["model_config"], str(out / "last.json")))
     return {"test_top1": round(100 * final["test_top1"], 2), "best_top1": round(100 * record["best_top1"], 2),
-            "time_s": round(final["elapsed_s"], 1),
-            "parameters": _parameters(config_from_dict(record["model_config"], str(out / "last.json"))),
+            "time_s": round(final["elapsed_s"], 1), "parameters": sum(p.numel() for p in model.parameters()),
             "out": str(out)}
 
 
