@@ -546,7 +546,8 @@ def run(models: list[str], settings: Settings, json_path: Path) -> dict[str, Any
                "AdamW state, workspace), measured sequentially after the timings")]
     if settings.bf16 or settings.compile:
         notes.append(f"{precision}{' autocast' if settings.bf16 else ''}"
-                     f"{', torch.compile on every PyTorch model' if settings.compile else ''}; matmul peak in {precision}")
+                     f"{', torch.compile on every PyTorch model' if settings.compile else ''}; "
+                     f"matmul peak in {precision}")
     result = {
         "date": datetime.date.today().isoformat(), "machine": machine(settings.threads, settings.device),
         "device": str(settings.device), "precision": precision, "compile": settings.compile,

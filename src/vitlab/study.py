@@ -26,6 +26,7 @@ from matplotlib.figure import Figure
 
 from vitlab.errors import VitlabError
 from vitlab.models.registry import build_model, config_from_dict, create_model, list_models, model_config
+from vitlab.train.checkpoint import has_tensors
 from vitlab.train.config import FINETUNE_DEFAULTS, TrainConfig, config_to_json, override
 
 # Family → TrainConfig overrides: its 28×28 grayscale model and the optimiser its own literature trains it with.
@@ -223,8 +224,8 @@ def resolution_study(study: Study, families: Sequence[str] = ("vit",), size: int
         row["total_time_s"] = None if pending else round(pre["time_s"] + row["time_s"], 1)
     table = _table(rows, ["run", "arm", "img_size", "steps", "total_steps", "test_top1", "best_top1", "time_s",
                           "total_time_s"])
-    text = (f"{_header(study, 'Resolution study', rows)}\n\nThe fine-tuned arm spends {total - tune} steps at {low} px and "
-            f"{tune} at {high} px ({finetune_fraction:.0%}, SGD momentum 0.9, no weight decay, the pre-trained head "
+    text = (f"{_header(study, 'Resolution study', rows)}\n\nThe fine-tuned arm spends {total - tune} steps at "
+            f"{low} px and {tune} at {high} px ({finetune_fraction:.0%}, SGD momentum 0.9, no weight decay, the pre-trained head "
             f"kept); the other arms spend all {total} steps at one resolution.\n\n{table}\n")
     figure = _bars([f"{row['model']}\n{row['arm']}" for row in rows], rows,
                    f"{study.dataset}: resolution ({size} images, {total} steps per arm)")
@@ -289,9 +290,8 @@ def _execute(runs: Sequence[Run], train: bool = True) -> list[dict[str, Any]]:
         out = Path(run.config.out)
         record = _record(out, run.config)
         reused = record is not None and record.get("step") == record.get("total_steps")
-        weights_kept = any((out / name).exists() for name in ("last.safetensors", "last.prev.safetensors"))
         state = ("finished before, reused" if reused else "pending, not trained" if not train
-                 else "training" if not record else "resuming" if weights_kept
+                 else "training" if not record else "resuming" if has_tensors(out)
                  else "restarting: its record was kept without its weights")
         print(f"[{index}/{len(runs)}] {run.name}: {run.row['steps']} steps of {run.config.batch_size} on "
               f"{run.config.subset} images ({state}) in {out}", flush=True)

@@ -143,10 +143,18 @@ def _digest(path: Path, cached: bool) -> str | None:
     return _DIGESTS[key]
 
 
+def _tensor_files(directory: Path, name: str) -> list[Path]:
+    return [directory / f"{name}.safetensors", directory / f"{name}.prev.safetensors"]
+
+
 def _candidates(directory: Path, name: str) -> list[tuple[Path, Path]]:
     records = [directory / f"{name}.json", directory / f"{name}.prev.json"]
-    tensor_files = [directory / f"{name}.safetensors", directory / f"{name}.prev.safetensors"]
-    return [(record, tensors) for record in records for tensors in tensor_files]
+    return [(record, tensors) for record in records for tensors in _tensor_files(directory, name)]
+
+
+def has_tensors(directory: Path, name: str = "last") -> bool:
+    """Whether a tensor file of checkpoint NAME is on disk (a run's record can be kept without its weights)."""
+    return any(path.exists() for path in _tensor_files(directory, name))
 
 
 def _read_record(record: Path) -> dict[str, Any] | None:
