@@ -226,3 +226,19 @@ def test_unwritable_output_is_refused_before_training(tmp_path: Path, capsys: py
     blocker.write_text("not a directory")
     assert main(train_args(blocker / "run")) == 2
     one_error_line(capsys, "not writable", str(blocker / "run"))
+
+
+def test_a_writer_by_file_name_that_fails_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> None:
+    """atomic_path, as ONNX export and the plots use it: the target changes only when the writer finishes."""
+    from vitlab.weights.files import atomic_path
+
+    target = tmp_path / "graph.onnx"
+    target.write_bytes(b"old")
+    with pytest.raises(Killed), atomic_path(target) as temporary:
+        assert temporary.suffix == ".onnx" and temporary.parent == tmp_path
+        temporary.write_bytes(b"half of the new")
+        raise Killed
+    assert target.read_bytes() == b"old" and sorted(tmp_path.iterdir()) == [target]
+    with atomic_path(target) as temporary:
+        temporary.write_bytes(b"new")
+    assert target.read_bytes() == b"new" and sorted(tmp_path.iterdir()) == [target]

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from vitlab.allocator import keep_freed_memory
 from vitlab.errors import TrainingDiverged, VitlabError
 
-# Sub-command name → module that defines `add_parser(subparsers)` and `run(args) -> int`.
-# Modules are imported lazily so `vitlab --help` stays fast and one broken extra cannot break the rest.
+# Module name → the module that defines `add_parser(subparsers)`, which adds its sub-commands (`evaluate` adds
+# eval, fewshot and predict; `train` adds train and finetune), each with `run(args) -> int`.
 COMMANDS: dict[str, str] = {
     "models": "vitlab.commands.models",
     "convert": "vitlab.commands.convert",
@@ -56,6 +56,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except FileNotFoundError as error:
         print(f"vitlab {args.command}: error: no such file: {error.filename or error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        if error.filename is None:  # not about a path the user named: a real failure, with its traceback
+            raise
+        reason = "exists and is not a directory" if isinstance(error, FileExistsError) else error.strerror
+        print(f"vitlab {args.command}: error: {error.filename}: {reason or error}", file=sys.stderr)
         return 2
     except TrainingDiverged as error:
         print(f"vitlab {args.command}: {error}", file=sys.stderr)

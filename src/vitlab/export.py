@@ -19,6 +19,7 @@ from torch import nn
 
 from vitlab.errors import VitlabError
 from vitlab.models.vit import VisionTransformer
+from vitlab.weights.files import atomic_path
 
 OPSET = 18
 INPUT_NAME = "pixels"
@@ -39,6 +40,8 @@ def writable_path(path: str | os.PathLike[str]) -> Path:
     path = Path(path)
     if not path.parent.is_dir():
         raise VitlabError(f"{path}: the directory {path.parent} does not exist")
+    if path.is_dir():
+        raise VitlabError(f"{path} is a directory; name the file to write, such as {path / 'model.onnx'}")
     return path
 
 
@@ -75,9 +78,10 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], opset: int = OPS
             # about the Python-side shape checks, which are constants by design.
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            torch.onnx.export(model, (sample,), str(path), dynamo=False, opset_version=opset,
-                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                              dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: {0: "batch"}})
+            with atomic_path(path) as temporary:
+                torch.onnx.export(model, (sample,), str(temporary), dynamo=False, opset_version=opset,
+                                  input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                  dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: {0: "batch"}})
     finally:
         model.train(was_training)
     return path

@@ -28,6 +28,7 @@ from vitlab.errors import VitlabError
 from vitlab.models.registry import build_model, config_from_dict, create_model, list_models, model_config
 from vitlab.train.checkpoint import has_tensors
 from vitlab.train.config import FINETUNE_DEFAULTS, TrainConfig, config_to_json, override
+from vitlab.weights.files import atomic_path, atomic_write
 
 # Family → TrainConfig overrides: its 28×28 grayscale model and the optimiser its own literature trains it with.
 FAMILY_RECIPES: dict[str, dict[str, Any]] = {
@@ -409,12 +410,13 @@ def _write(study: Study, name: str, rows: list[dict[str, Any]], text: str, figur
     out = Path(study.out)
     out.mkdir(parents=True, exist_ok=True)
     files = [out / f"{name}.md", out / f"{name}.json", out / f"{name}.png"]
-    files[0].write_text(text)
+    atomic_write(files[0], text)
     record = {"study": name, "dataset": study.dataset, "budget_rule": study.budget.rule(),
               "budget": dataclasses.asdict(study.budget), "command": study.command,
               "recipes": {row["model"]: FAMILY_RECIPES[row["model"]] for row in rows}, "rows": rows}
-    files[1].write_text(json.dumps(record, indent=1) + "\n")
+    atomic_write(files[1], json.dumps(record, indent=1) + "\n")
     figure.tight_layout()
     FigureCanvasAgg(figure)
-    figure.savefig(files[2], dpi=110)
+    with atomic_path(files[2]) as temporary:
+        figure.savefig(temporary, dpi=110)
     return StudyResult(rows, text, files)

@@ -20,6 +20,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from vitlab.errors import VitlabError
+from vitlab.weights.files import atomic_path, atomic_write
 
 HEATMAP = "jet"
 
@@ -34,7 +35,8 @@ def _save(figure: Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(figure)
-    figure.savefig(path, dpi=100)
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=100)
     return path
 
 
@@ -320,7 +322,7 @@ def write_index(out_dir: str | Path, entries: Sequence[Mapping[str, Any]], title
             f"</head>\n<body>\n<h1>{html.escape(title)}</h1>\n"
             '<p>Numbers behind each picture: <a href="analysis.json">analysis.json</a>.</p>\n'
             + "\n".join(sections) + "\n</body>\n</html>\n")
-    (out_dir / "analysis.json").write_text(json.dumps(numbers, indent=1))
+    atomic_write(out_dir / "analysis.json", json.dumps(numbers, indent=1))
     index = out_dir / "index.html"
-    index.write_text(page)
+    atomic_write(index, page)
     return index

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from vitlab.train.config import RECIPES
+from vitlab.weights.files import atomic_write
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -74,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     summary = {"pretrain_top1": pre["test_top1"], "finetune_top1": fine["test_top1"], "best_run": str(best),
                "pretrain_s": round(trained - started, 1), "finetune_s": round(finetuned - trained, 1),
                "total_s": round(time.perf_counter() - started, 1), "out": str(out)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    atomic_write(out / "summary.json", json.dumps(summary, indent=1))
     print(f"\n=== vitlab demo: Fashion-MNIST test top-1 {pre['test_top1']:.2%} after pre-training at "
           f"{_size(pretrain)} px ({summary['pretrain_s']:.0f} s), {fine['test_top1']:.2%} after fine-tuning at "
           f"{_size(finetune)} px ({summary['finetune_s']:.0f} s); best {max(pre['test_top1'], fine['test_top1']):.2%}"

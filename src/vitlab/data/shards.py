@@ -37,6 +37,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vitlab.data.datasets import BUILTIN, ImageTensors, load_dataset
 from vitlab.errors import VitlabError
+from vitlab.weights.files import atomic_write, fsync_directory
 
 INFO_FILE = "dataset.json"
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm", "pgm", "tif", "tiff", "gif")
@@ -85,6 +86,7 @@ def write_shards(samples: Iterable[tuple[str, bytes, int]], out: Path, prefix: s
         archive.close()
     for shard in shards:
         os.replace(shard.pop("partial"), out / shard["name"])
+    fsync_directory(out)
     return shards
 
 
@@ -139,6 +141,10 @@ def shard_dataset(source: str, out: str | Path, shard_size: int = 1000, subset: 
     if shard_size <= 0:
         raise VitlabError(f"--shard-size must be positive, got {shard_size}")
     out = Path(out)
+    # Re-sharding into the same folder replaces shards by name. The old record goes first, so a folder left half
+    # re-written is read by scanning the shards it holds, never through sample counts of shards since replaced.
+    out.mkdir(parents=True, exist_ok=True)
+    (out / INFO_FILE).unlink(missing_ok=True)
     info: dict[str, Any] = {"format": "vitlab-shards", "source": source, "seed": seed, "splits": {}}
     if source in BUILTIN:
         for split in ("train", "test"):
@@ -169,7 +175,7 @@ def shard_dataset(source: str, out: str | Path, shard_size: int = 1000, subset: 
         if "test" not in info["splits"]:
             info["splits"]["test"] = info["splits"]["train"]
         info.update(classes=classes, channels=3, flips_allowed=True, image_size=None)
-    (out / INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
+    atomic_write(out / INFO_FILE, json.dumps(info, indent=1) + "\n")
     return info
 
 

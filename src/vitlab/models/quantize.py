@@ -20,6 +20,7 @@ from torch import nn
 
 from vitlab.errors import VitlabError
 from vitlab.export import INPUT_NAME, export_onnx, require_onnxruntime, writable_path
+from vitlab.weights.files import atomic_path
 
 QUANTIZE_MODES = ("int8",)
 
@@ -41,8 +42,9 @@ def export_int8_onnx(model: nn.Module, path: str | Path) -> Path:
     try:
         with tempfile.TemporaryDirectory(prefix="vitlab-int8-") as folder:
             fp32 = export_onnx(model, Path(folder) / "fp32.onnx")
-            quantize_dynamic(str(fp32), str(path), weight_type=QuantType.QInt8, per_channel=True,
-                             op_types_to_quantize=["MatMul", "Gemm"])
+            with atomic_path(path) as temporary:
+                quantize_dynamic(str(fp32), str(temporary), weight_type=QuantType.QInt8, per_channel=True,
+                                 op_types_to_quantize=["MatMul", "Gemm"])
     finally:
         root.setLevel(level)
     return path

@@ -20,35 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from vitlab.errors import VitlabError
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` so that `path` holds either its old content or all of the new one, never a mix."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+from vitlab.weights.files import atomic_write, fsync_directory
 
 
 def check_writable(directory: Path) -> None:
@@ -96,7 +68,7 @@ def save_checkpoint(directory: Path, name: str, tensors: dict[str, torch.Tensor]
     if kept_record == record:
         os.replace(record, directory / f"{name}.prev.json")
     os.replace(record_temp, record)
-    _fsync_dir(directory)
+    fsync_directory(directory)
 
 
 def _remove_stale_temporaries(directory: Path, name: str) -> None:

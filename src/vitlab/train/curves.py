@@ -10,6 +10,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from vitlab.weights.files import atomic_path
+
 
 def plot_curves(metrics_path: Path, out_path: Path) -> None:
     records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
@@ -27,5 +29,6 @@ def plot_curves(metrics_path: Path, out_path: Path) -> None:
     acc_axis.set_ylabel("%")
     acc_axis.legend()
     figure.tight_layout()
-    figure.savefig(out_path, dpi=110)
+    with atomic_path(out_path) as temporary:
+        figure.savefig(temporary, dpi=110)
     plt.close(figure)

@@ -1,7 +1,7 @@
 """Reading and writing weight files safely: atomic writes, safetensors with metadata, tensor-only torch.load.
 
-Every writer goes through `atomic_writer`, so a crash or a full disk never leaves a half-written checkpoint
-under the final name. Pickle-based files are only ever opened with `torch.load(weights_only=True)`, which
+Every writer of weights, checkpoints, ONNX graphs and result tables goes through `atomic_writer`, so a crash or
+a full disk never leaves a half-written file under the final name. Pickle-based files are only ever opened with `torch.load(weights_only=True)`, which
 refuses anything but tensors and plain containers, so a malicious `.pth` cannot run code.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import BinaryIO
@@ -26,26 +27,65 @@ _NESTED_STATE_KEYS = ("state_dict", "model", "model_state_dict", "module", "stat
 
 @contextlib.contextmanager
 def atomic_writer(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
-    """Yield a binary file in `path`'s directory that replaces `path` only once fully written and synced."""
+    """Yield a binary file in `path`'s directory that replaces `path` only once fully written and synced.
+
+    An OSError names `path` itself, not the temporary file, so the command line can report the user's argument.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
+    path.parent.mkdir(parents=True, exist_ok=True)  # its error names the directory that could not be made
+    try:
+        handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
+    except OSError as error:
+        raise _naming(error, path) from None
     try:
         with handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(handle.name, path)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(handle.name)
+        if isinstance(error, OSError):
+            raise _naming(error, path) from None
         raise
-    with contextlib.suppress(OSError):  # make the rename itself durable where the platform allows it
-        directory = os.open(path.parent, os.O_RDONLY)
+    fsync_directory(path.parent)
+
+
+def atomic_write(path: str | os.PathLike[str], data: bytes | str) -> None:
+    """Write `data` (text as UTF-8) so that `path` holds either its old content or all of the new one."""
+    with atomic_writer(path) as handle:
+        handle.write(data.encode() if isinstance(data, str) else data)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside `path` (same suffix) for a library that writes by file name (ONNX, Matplotlib);
+    it replaces `path` only when the block completes."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    except OSError as error:
+        raise _naming(error, path) from None
+    finally:
+        temporary.unlink(missing_ok=True)
+    fsync_directory(path.parent)
+
+
+def fsync_directory(directory: str | os.PathLike[str]) -> None:
+    """Make renames in `directory` durable where the platform allows it (a no-op where it does not)."""
+    with contextlib.suppress(OSError):
+        descriptor = os.open(directory, os.O_RDONLY)
         try:
-            os.fsync(directory)
+            os.fsync(descriptor)
         finally:
-            os.close(directory)
+            os.close(descriptor)
+
+
+def _naming(error: OSError, path: Path) -> OSError:
+    return type(error)(error.errno, error.strerror, str(path)) if error.errno else error
 
 
 def write_safetensors(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor],
@@ -76,14 +116,25 @@ def load_torch_tensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     A file whose pickle names any callable other than tensor rebuilders is refused, never executed.
     """
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the unpickler warns about pickle protocols before refusing a file
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise
     except Exception as error:  # noqa: BLE001 - a malformed file raises anything (IndexError, OSError, ...)
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise VitlabError(f"{path}: refused to load: not a plain tensor file that torch.load(weights_only=True) "
-                          f"accepts ({first_line})") from None
+                          f"accepts ({_load_failure(error)})") from None
     return _find_state_dict(loaded, path)
+
+
+def _load_failure(error: Exception) -> str:
+    """The reason in torch.load's error, without its advice to retry with weights_only=False: for a file that
+    needs more than tensors, that advice is to let it run code."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if lines and lines[0].startswith("Weights only load failed"):
+        reason = next((line for line in lines if line.startswith(("Unsupported", "Trying to unpickle"))), None)
+        return f"not a tensor-only pickle: {reason}" if reason else "not a tensor-only pickle"
+    return lines[0].split(". ")[0] if lines else type(error).__name__
 
 
 def _find_state_dict(obj: object, path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
