@@ -103,6 +103,70 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     one_error_line(capsys, "/does/not/exist")
 
 
+def test_resume_with_other_data_or_schedule_is_refused(trained: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The step → sample mapping and the restored schedule belong to the checkpoint's settings."""
+    capsys.readouterr()
+    assert main(train_args(trained, "--resume", "--batch-size", "32")) == 2
+    one_error_line(capsys, "batch_size 64 → 32", "new --out")
+    assert main(train_args(trained, "--resume", "--epochs", "2")) == 2
+    one_error_line(capsys, "epochs 1.0 → 2.0")
+
+
+def test_output_paths_that_cannot_be_written_are_one_line(trained: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    a_file, a_folder = tmp_path / "a-file", tmp_path / "a-folder"
+    a_file.write_text("in the way")
+    a_folder.mkdir()
+    weights = str(trained / "last.safetensors")
+    capsys.readouterr()
+    assert main(["eval", str(trained), "--out", str(a_file)]) == 2
+    one_error_line(capsys, str(a_file), "exists and is not a directory")
+    assert main(["convert", weights, str(a_file / "x.npz")]) == 2
+    one_error_line(capsys, str(a_file), "exists and is not a directory")
+    assert main(["convert", weights, str(a_folder), "--to", "vitlab"]) == 2
+    one_error_line(capsys, str(a_folder), "Is a directory")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "a-folder"]  # no temporary left behind
+    assert not any(a_folder.iterdir())
+
+
+@pytest.mark.parametrize(("setting", "message"), [
+    ("batch_size=1e999", "batch_size must be a finite number"), ("seed=NaN", "seed must be a finite number"),
+    ("lr=NaN", "lr must be a finite number"), ("ema_decay=abc", "ema_decay must be a number or null"),
+    ("threads=abc", "threads must be a whole number or null"), ("betas=5", "betas must be a list of 2 numbers"),
+    ("checkpoint_every_steps=2.5", "checkpoint_every_steps must be a whole number"),
+    ("model_overrides=3", "model_overrides must be a JSON object"),
+    ("warmup_steps=-5", "warmup_steps must not be negative"), ("img_size=-3", "img_size must be positive"),
+    ("hflip=1", "hflip must be true or false")])
+def test_set_values_of_the_wrong_type_are_one_line(setting: str, message: str, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(train_args(tmp_path / "run", "--set", setting)) == 2
+    one_error_line(capsys, message)
+    assert not (tmp_path / "run" / "last.json").exists()
+
+
+def test_set_values_take_each_field_s_type() -> None:
+    from vitlab.train.config import TrainConfig, override
+
+    config = override(TrainConfig(), {"epochs": "2", "batch_size": "64.0", "ema_decay": "null", "dataset": "123",
+                                      "betas": "[0.9, 0.95]", "init_from": "runs/a"})
+    assert (config.epochs, config.batch_size, config.ema_decay, config.dataset, config.betas, config.init_from) == (
+        2.0, 64, None, "123", (0.9, 0.95), "runs/a")
+    assert isinstance(config.epochs, float) and isinstance(config.batch_size, int)
+
+
+def test_counts_and_patterns_that_select_nothing_are_one_line(trained: Path, capsys: pytest.CaptureFixture[str]
+                                                              ) -> None:
+    for argv, flag in ((["predict", str(trained), "x.png", "--top-k", "0"], "--top-k"),
+                       (["fewshot", str(trained), "--shots", "0"], "--shots"),
+                       (["fewshot", str(trained), "--seeds", "-1"], "--seeds")):
+        with pytest.raises(SystemExit) as raised:
+            main(argv)
+        assert raised.value.code == 2
+        one_error_line(capsys, flag, "positive whole number")
+    assert main(["models", "no-such-model"]) == 2
+    one_error_line(capsys, "no-such-model")
+
+
 def test_python_dash_m_is_the_same_entry_point() -> None:
     result = subprocess.run([sys.executable, "-m", "vitlab", "models", "vit-ti"], capture_output=True, text=True,
                             timeout=120)

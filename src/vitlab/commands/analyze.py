@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from vitlab.commands import positive_int
 from vitlab.data import BUILTIN, EvalTransform, load_dataset, match_channels
 from vitlab.data.transforms import MEAN, STD
 from vitlab.errors import VitlabError
@@ -40,7 +41,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--discard-ratio", type=float, default=0.0, help="rollout: drop this fraction of weights")
     parser.add_argument("--overlays", type=int, default=8,
                         help="how many images get a rollout overlay (Perceiver: a cross-attention figure)")
-    parser.add_argument("--components", type=int, default=28, help="principal components of the patch filters")
+    parser.add_argument("--components", type=positive_int, default=28, help="principal components of the patch filters")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     parser.add_argument("--out", required=True, help="output directory")
     parser.set_defaults(run=run)

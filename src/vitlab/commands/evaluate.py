@@ -9,11 +9,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vitlab.commands import positive_int
 from vitlab.commands.train import checkpoint_train_config
 from vitlab.data import EvalTransform, load_dataset, match_channels
 from vitlab.errors import VitlabError
 from vitlab.eval.metrics import confusion_matrix, evaluate
 from vitlab.train.loop import select_device
+from vitlab.weights.files import atomic_path
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -25,8 +27,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
     fewshot = subparsers.add_parser("fewshot", help="few-shot linear probe on frozen features (ridge, ±1 targets)")
     _add_source(fewshot)
-    fewshot.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10, 25])
-    fewshot.add_argument("--seeds", type=int, default=3)
+    fewshot.add_argument("--shots", type=positive_int, nargs="+", default=[1, 5, 10, 25])
+    fewshot.add_argument("--seeds", type=positive_int, default=3)
     fewshot.add_argument("--l2", type=float, default=2.0 ** 10)
     fewshot.add_argument("--json", action="store_true")
     fewshot.set_defaults(run=run_fewshot)
@@ -35,7 +37,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     predict.add_argument("checkpoint")
     predict.add_argument("images", nargs="+", type=Path)
     predict.add_argument("--model", help="registry name, for weight files that do not name their model")
-    predict.add_argument("--top-k", type=int, default=3)
+    predict.add_argument("--top-k", type=positive_int, default=3)
     predict.add_argument("--json", action="store_true")
     predict.set_defaults(run=run_predict)
 
@@ -113,7 +115,8 @@ def _plot_confusion(matrix: torch.Tensor, classes: tuple[str, ...], path: Path) 
     axis.set_xlabel("predicted")
     axis.set_ylabel("true")
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=110)
     plt.close(figure)
 
 

@@ -6,6 +6,7 @@ import argparse
 
 import torch
 
+from vitlab.errors import VitlabError
 from vitlab.models.registry import create_model, get_spec, list_models
 
 
@@ -17,7 +18,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    for name in list_models(args.pattern):
+    names = list_models(args.pattern)
+    if not names:
+        raise VitlabError(f"no model name contains {args.pattern!r}; `vitlab models` lists them all")
+    for name in names:
         with torch.device("meta"):  # count parameters without allocating the weights
             model = create_model(name, num_classes=args.num_classes)
         count = sum(p.numel() for p in model.parameters())

@@ -7,6 +7,8 @@ Each recipe states the command that runs it and the result it is expected to rea
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,10 +71,22 @@ class TrainConfig:
         for name, allowed in choices.items():
             if allowed and getattr(self, name) not in allowed:
                 raise VitlabError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        positive = ("epochs", "batch_size", "accum_steps", "lr", "eval_batch_size", "checkpoint_every_steps")
+        for name, value in dataclasses.asdict(self).items():
+            numbers = value if isinstance(value, (tuple, list)) else [value]
+            if any(isinstance(number, float) and not math.isfinite(number) for number in numbers):
+                raise VitlabError(f"{name} must be finite, got {value}")
+        positive = ("epochs", "batch_size", "accum_steps", "lr", "eval_batch_size", "checkpoint_every_steps",
+                    "eval_every_epochs", "img_size", "subset", "threads")
         for name in positive:
-            if getattr(self, name) <= 0:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise VitlabError(f"{name} must be positive, got {getattr(self, name)}")
+        non_negative = ("min_lr", "weight_decay", "warmup_steps", "warmup_epochs", "grad_clip", "label_smoothing",
+                        "crop_padding", "randaugment_ops", "mixup_alpha", "cutmix_alpha")
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise VitlabError(f"{name} must not be negative, got {getattr(self, name)}")
+        if len(self.betas) != 2 or not all(0.0 <= beta < 1.0 for beta in self.betas):
+            raise VitlabError(f"betas must be two numbers in [0, 1), got {self.betas}")
         if self.batch_size % self.accum_steps:
             raise VitlabError(f"batch_size {self.batch_size} is not divisible by accum_steps {self.accum_steps}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
@@ -152,33 +166,43 @@ def recipe_config(name: str) -> TrainConfig:
 
 
 def override(config: TrainConfig, values: dict[str, Any]) -> TrainConfig:
-    """Replace fields by name, converting strings from the command line to each field's type."""
-    fields = {f.name: f for f in dataclasses.fields(config)}
+    """Replace fields by name, converting strings from the command line to each field's declared type."""
+    fields = {f.name: str(f.type) for f in dataclasses.fields(config)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise VitlabError(f"unknown training option(s) {', '.join(unknown)}; valid: {', '.join(sorted(fields))}")
-    converted = {name: _convert(name, value, getattr(config, name)) for name, value in values.items()}
+    converted = {name: _convert(name, value, fields[name]) for name, value in values.items()}
     return dataclasses.replace(config, **converted)
 
 
-def _convert(name: str, value: Any, current: Any) -> Any:
+def _convert(name: str, value: Any, annotation: str) -> Any:
+    """`value` (JSON text or a bare string) as a value of `annotation`, such as 'int | None' or 'tuple[float, float]'."""
     if not isinstance(value, str):
         return value
-    import json
-
+    options = [part.strip() for part in annotation.split("|")]
     try:
         parsed = json.loads(value)
     except json.JSONDecodeError:
         parsed = value
-    if isinstance(current, bool) and not isinstance(parsed, bool):
-        raise VitlabError(f"{name} must be true or false, got {value!r}")
-    if isinstance(current, (int, float)) and not isinstance(current, bool):
-        if not isinstance(parsed, (int, float)) or isinstance(parsed, bool):
-            raise VitlabError(f"{name} must be a number, got {value!r}")
-        return type(current)(parsed) if isinstance(current, float) or parsed == int(parsed) else parsed
-    if isinstance(current, tuple) and isinstance(parsed, list):
-        return tuple(parsed)
-    return parsed
+    if "str" in options and parsed is not None:
+        return value  # a name or path, even one that reads as a number
+    if isinstance(parsed, float) and not math.isfinite(parsed):
+        raise VitlabError(f"{name} must be a finite number, got {value!r}")
+    if "int" in options and isinstance(parsed, float) and parsed.is_integer():
+        parsed = int(parsed)
+    if not _json_type_ok(parsed, annotation):
+        expected = " or ".join(_describe(option) for option in options)
+        raise VitlabError(f"{name} must be {expected}, got {value!r}")
+    if "float" in options and isinstance(parsed, int) and not isinstance(parsed, bool):
+        return float(parsed)
+    return tuple(parsed) if isinstance(parsed, list) else parsed
+
+
+def _describe(option: str) -> str:
+    if option.startswith("tuple"):
+        return f"a list of {option.count(',') + 1} numbers"
+    return {"int": "a whole number", "float": "a number", "bool": "true or false", "None": "null"}.get(
+        option, "a JSON object" if option.startswith("dict") else option)
 
 
 def config_to_json(config: TrainConfig) -> dict[str, Any]:

@@ -58,13 +58,6 @@ class Distributed:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor.tolist()
 
-    def all_reduce_max(self, value: int) -> int:
-        if not self.group:
-            return value
-        tensor = torch.tensor([value], dtype=torch.int64, device=self._comm_device())
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-        return int(tensor.item())
-
     def mean(self, value: float) -> float:
         """The mean of a scalar over all processes (e.g. the training loss for logging)."""
         return self.all_reduce_sum([value])[0] / self.world_size

@@ -27,6 +27,12 @@ from vitlab.train.config import TrainConfig, config_from_json, config_to_json
 from vitlab.train.optim import build_optimizer, build_scheduler
 
 
+# Settings a resumed run must share with its checkpoint: the step → sample mapping depends on the data, subset,
+# seed and batch, and the restored scheduler on the epochs and learning-rate schedule.
+RESUME_FIXED = ("dataset", "subset", "seed", "batch_size", "epochs", "optimizer", "lr", "min_lr", "schedule",
+                "warmup_steps", "warmup_epochs")
+
+
 @dataclass
 class Data:
     train: ImageTensors | ShardSet  # a ShardSet streams WebDataset shards instead of holding the images
@@ -321,6 +327,12 @@ class Trainer:
         if saved.model != self.config.model or saved.model_overrides != self.config.model_overrides:
             raise VitlabError(f"{self.out}/last.json was trained with model {saved.model}; cannot resume it as "
                               f"{self.config.model}")
+        changed = [f"{name} {getattr(saved, name)!r} → {getattr(self.config, name)!r}" for name in RESUME_FIXED
+                   if getattr(saved, name) != getattr(self.config, name)]
+        if changed:
+            raise VitlabError(f"{self.out}/last.json was trained with other settings ({'; '.join(changed)}): the "
+                              "resumed run would replay or skip samples, or follow another schedule; resume with "
+                              "the same settings, or train into a new --out")
         raw = "train/" if ema is not None and any(k.startswith("train/") for k in tensors) else "model/"
         distributed.load_model_state(model, _strip(tensors, raw), self.config.fsdp)
         if ema is not None:

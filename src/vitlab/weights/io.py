@@ -234,14 +234,17 @@ def _fit_head(state: dict[str, torch.Tensor], target: dict[str, torch.Tensor], m
     model_key = next((key for key in _HEAD_WEIGHTS if key in target), None)
     file_shape = None if file_key is None else tuple(state[file_key].shape)
     model_shape = None if model_key is None else tuple(target[model_key].shape)
+    if file_shape and model_shape and file_shape[1:] != model_shape[1:]:
+        raise VitlabError(f"{path}: head does not match: the checkpoint's reads {file_shape[1]} features and the "
+                          f"model's {model_shape[1]}, so the weights are of a model of another width")
     if not dropped and file_shape != model_shape:
         if not reset_head:
             def describe(key: str | None, shape: tuple[int, ...] | None) -> str:
                 return "no head" if shape is None else f"{key} {shape} ({shape[0]} classes)"
 
             raise VitlabError(f"{path}: head does not match: checkpoint has {describe(file_key, file_shape)}, "
-                              f"model has {describe(model_key, model_shape)}; pass reset_head=True to keep a new "
-                              "zero-initialised head")
+                              f"model has {describe(model_key, model_shape)}; to train a new zero-initialised head, "
+                              "pass reset_head=True (`vitlab finetune` does)")
         for key in [key for key in state if key.startswith("head.")]:
             del state[key]
         dropped = True
@@ -333,7 +336,7 @@ def load_model(path: str | os.PathLike[str], model_name: str | None = None, **ov
         config = ViTConfig(**{**file.fields, "img_size": overrides["img_size"]})
     else:
         raise VitlabError(f"{file.path}: {file.format} weights do not record the number of attention heads; "
-                          "pass model_name (see `vitlab models`)")
+                          "pass model_name (`--model NAME` on the command line; see `vitlab models`)")
     config = apply_overrides(config, overrides)
     reset_head = bool({"num_classes", "representation_size"} & set(overrides))
     return _load_into(_uninitialised_model(config, file, reset_head), file, reset_head=reset_head, strict=True)
