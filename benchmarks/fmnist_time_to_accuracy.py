@@ -13,6 +13,9 @@ Runs:
 - `vitlab-28px`: the `fmnist-vit` recipe at 28 px throughout for 19 epochs (as many tokens as its 33 at 21 px);
 - `vitlab-patch-dropout`: `fmnist-vit` at 28 px training on half of the patch tokens (FLIP), then one
   full-token half epoch with the `fmnist-finetune` recipe at 28 px;
+- `vitlab-bf16`: the `fmnist-vit` stage alone under bf16 autocast (`amp=bf16`). It is faster only on CPUs with bf16
+  instructions (AVX512-BF16 or AMX), where oneDNN's bf16 matmuls run several times faster than fp32 ones; elsewhere
+  they are emulated and slower;
 - `timm`: timm's VisionTransformer of the same shape, AdamW defaults, constant lr, no augmentation.
 
 All evaluate on the full 10k test set once per epoch. vitlab's clock is its runs' `elapsed_s` (evaluations
@@ -50,6 +53,7 @@ VITLAB_RUNS: dict[str, list[tuple[str, dict[str, Any]]]] = {
         ("fmnist-vit", {"img_size": FULL_SIZE,
                         "model_overrides": {**recipe_config("fmnist-vit").model_overrides, "patch_dropout": 0.5}}),
         ("fmnist-finetune", {"model_overrides": {"patch_dropout": 0.0}})],
+    "vitlab-bf16": [("fmnist-vit", {"amp": "bf16"})],
 }
 
 

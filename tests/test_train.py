@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -120,3 +121,17 @@ def test_recipes_are_complete_and_overridable() -> None:
         override(changed, {"lrr": "1"})
     with pytest.raises(VitlabError, match="must be a number"):
         override(changed, {"lr": "fast"})
+
+
+def test_bf16_autocast_on_a_cpu_without_bf16_instructions_warns(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from vitlab.train import loop
+
+    monkeypatch.setattr(loop, "cpu_has_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="slower than in fp32"):
+        assert Trainer(digits_config(tmp_path, amp="bf16")).autocast
+    monkeypatch.setattr(loop, "cpu_has_bf16", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert Trainer(digits_config(tmp_path, amp="bf16")).autocast
+        assert not Trainer(digits_config(tmp_path, amp="auto")).autocast  # auto keeps the CPU in fp32
