@@ -230,7 +230,7 @@ def test_unwritable_output_is_refused_before_training(tmp_path: Path, capsys: py
 
 def test_a_writer_by_file_name_that_fails_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> None:
     """atomic_path, as ONNX export and the plots use it: the target changes only when the writer finishes."""
-    from vitlab.weights.files import atomic_path
+    from vitlab.atomic import atomic_path
 
     target = tmp_path / "graph.onnx"
     target.write_bytes(b"old")

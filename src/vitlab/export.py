@@ -19,7 +19,7 @@ from torch import nn
 
 from vitlab.errors import VitlabError
 from vitlab.models.vit import VisionTransformer
-from vitlab.weights.files import atomic_path
+from vitlab.atomic import atomic_path
 
 OPSET = 18
 INPUT_NAME = "pixels"

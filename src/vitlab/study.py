@@ -28,7 +28,7 @@ from vitlab.errors import VitlabError
 from vitlab.models.registry import build_model, config_from_dict, create_model, list_models, model_config
 from vitlab.train.checkpoint import has_tensors
 from vitlab.train.config import FINETUNE_DEFAULTS, TrainConfig, config_to_json, override
-from vitlab.weights.files import atomic_path, atomic_write
+from vitlab.atomic import atomic_path, atomic_write
 
 # Family → TrainConfig overrides: its 28×28 grayscale model and the optimiser its own literature trains it with.
 FAMILY_RECIPES: dict[str, dict[str, Any]] = {

@@ -20,7 +20,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from vitlab.errors import VitlabError
-from vitlab.weights.files import atomic_path, atomic_write
+from vitlab.atomic import atomic_path, atomic_write
 
 HEATMAP = "jet"
 

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from vitlab.train.config import RECIPES
-from vitlab.weights.files import atomic_write
+from vitlab.atomic import atomic_path, atomic_write
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -43,7 +43,8 @@ def _write_samples(out: Path, count: int = 4) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     for index in range(count):
         path = out / f"test{index}-{test.classes[int(test.labels[index])].replace('/', '-')}.png"
-        Image.fromarray(test.images[index, 0].numpy().astype(np.uint8), mode="L").save(path)
+        with atomic_path(path) as temporary:
+            Image.fromarray(test.images[index, 0].numpy().astype(np.uint8), mode="L").save(temporary)
         paths.append(path)
     return paths
 

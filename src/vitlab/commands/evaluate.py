@@ -15,7 +15,7 @@ from vitlab.data import EvalTransform, load_dataset, match_channels
 from vitlab.errors import VitlabError
 from vitlab.eval.metrics import confusion_matrix, evaluate
 from vitlab.train.loop import select_device
-from vitlab.weights.files import atomic_path
+from vitlab.atomic import atomic_path
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

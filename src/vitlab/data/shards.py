@@ -37,7 +37,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vitlab.data.datasets import BUILTIN, ImageTensors, load_dataset
 from vitlab.errors import VitlabError
-from vitlab.weights.files import atomic_write, fsync_directory
+from vitlab.atomic import atomic_write, fsync_directory
 
 INFO_FILE = "dataset.json"
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm", "pgm", "tif", "tiff", "gif")

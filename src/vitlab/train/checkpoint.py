@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from vitlab.errors import VitlabError
-from vitlab.weights.files import atomic_write, fsync_directory
+from vitlab.atomic import atomic_write, fsync_directory
 
 
 def check_writable(directory: Path) -> None:

@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from vitlab.weights.files import atomic_path
+from vitlab.atomic import atomic_path
 
 
 def plot_curves(metrics_path: Path, out_path: Path) -> None:

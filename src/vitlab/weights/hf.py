@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
+from vitlab.atomic import atomic_writer
 from vitlab.errors import VitlabError
 from vitlab.models.vit import ViTConfig
-from vitlab.weights.files import (atomic_writer, describe_keys, load_torch_tensors, read_safetensors,
-                                  write_safetensors)
+from vitlab.weights.files import describe_keys, load_torch_tensors, read_safetensors, write_safetensors
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"

@@ -20,7 +20,7 @@ from pathlib import Path
 from torch import nn
 
 from vitlab.errors import VitlabError
-from vitlab.weights.files import atomic_writer
+from vitlab.atomic import atomic_writer
 from vitlab.weights.io import load_weights
 
 _CHUNK = 1 << 20

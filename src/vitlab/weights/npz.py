@@ -18,10 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from vitlab.atomic import atomic_writer
 from vitlab.errors import VitlabError
 from vitlab.models.resnet import ResNetConfig
 from vitlab.models.vit import ViTConfig
-from vitlab.weights.files import atomic_writer, describe_keys
+from vitlab.weights.files import describe_keys
 
 PREFIXES = ("", "opt/target/", "params/", "params/img/")
 # (attention, MLP, second LayerNorm) sub-module indices inside an encoder block.
