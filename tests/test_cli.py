@@ -110,6 +110,8 @@ def test_resume_with_other_data_or_schedule_is_refused(trained: Path, capsys: py
     one_error_line(capsys, "batch_size 64 → 32", "new --out")
     assert main(train_args(trained, "--resume", "--epochs", "2")) == 2
     one_error_line(capsys, "epochs 1.0 → 2.0")
+    assert main(train_args(trained, "--resume", "--set", "weight_decay=0.5")) == 2  # the optimizer keeps its own
+    one_error_line(capsys, "weight_decay")
 
 
 def test_output_paths_that_cannot_be_written_are_one_line(trained: Path, tmp_path: Path,
@@ -152,6 +154,7 @@ def test_set_values_take_each_field_s_type() -> None:
     assert (config.epochs, config.batch_size, config.ema_decay, config.dataset, config.betas, config.init_from) == (
         2.0, 64, None, "123", (0.9, 0.95), "runs/a")
     assert isinstance(config.epochs, float) and isinstance(config.batch_size, int)
+    assert override(TrainConfig(), {"threads": "0"}).threads == 0  # torch's own choice, as before
 
 
 def test_counts_and_patterns_that_select_nothing_are_one_line(trained: Path, capsys: pytest.CaptureFixture[str]

@@ -242,3 +242,18 @@ def test_a_writer_by_file_name_that_fails_leaves_the_old_file_and_no_temporary(t
     with atomic_path(target) as temporary:
         temporary.write_bytes(b"new")
     assert target.read_bytes() == b"new" and sorted(tmp_path.iterdir()) == [target]
+
+
+def test_only_errors_about_the_temporary_file_are_renamed_to_the_target(tmp_path: Path) -> None:
+    """The user is told about the file they named, and an error about another file keeps that file's name."""
+    from vitlab.atomic import atomic_path
+
+    target = tmp_path / "plot.png"
+    with pytest.raises(FileNotFoundError) as raised, atomic_path(target):
+        open(tmp_path / "an-input-that-is-missing.npz", "rb")
+    assert raised.value.filename.endswith("an-input-that-is-missing.npz")
+    (tmp_path / "a-folder").mkdir()
+    with pytest.raises(IsADirectoryError) as raised, atomic_path(tmp_path / "a-folder") as temporary:
+        temporary.write_bytes(b"png")
+    assert raised.value.filename == str(tmp_path / "a-folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-folder"]

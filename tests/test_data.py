@@ -113,3 +113,18 @@ def test_ridge_probe_separates_separable_classes() -> None:
     # Heavy regularisation shrinks the weights towards zero, leaving only the bias (the mean target).
     weights, bias = ridge_classifier(features, labels, 4, l2=1e12)
     assert weights.abs().max() < 1e-6 and torch.allclose(bias, torch.full((4,), -0.5, dtype=torch.float64))
+
+
+def test_resharding_that_fails_keeps_the_old_index(tmp_path: Path) -> None:
+    """A wrong source or option is refused before the folder's dataset.json (the shards' sample counts) is touched."""
+    from vitlab.data.shards import INFO_FILE, ShardSet, shard_dataset
+
+    out = tmp_path / "shards"
+    shard_dataset("digits", out, shard_size=1000)
+    index = (out / INFO_FILE).read_text()
+    with pytest.raises(VitlabError, match="unknown data set"):
+        shard_dataset("no-such-source", out)
+    with pytest.raises(VitlabError, match="--shard-size"):
+        shard_dataset("digits", out, shard_size=0)
+    assert (out / INFO_FILE).read_text() == index
+    assert len(ShardSet.open(str(out), "train")) == 1437

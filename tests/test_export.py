@@ -130,3 +130,14 @@ def test_export_usage_errors() -> None:
         with pytest.raises(SystemExit) as raised:
             main(argv)
         assert raised.value.code == 2
+
+
+def test_an_output_that_is_a_directory_is_refused_before_exporting(tmp_path: Path) -> None:
+    from vitlab.errors import VitlabError
+    from vitlab.export import writable_path
+
+    with pytest.raises(VitlabError, match="is a directory; name the file to write"):
+        writable_path(tmp_path)
+    with pytest.raises(VitlabError, match="does not exist"):
+        writable_path(tmp_path / "missing" / "model.onnx")
+    assert writable_path(tmp_path / "model.onnx") == tmp_path / "model.onnx"

@@ -127,10 +127,10 @@ def test_bf16_autocast_on_a_cpu_without_bf16_instructions_warns(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     from vitlab.train import loop
 
-    monkeypatch.setattr(loop, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(loop, "bf16_emulated_on_cpu", lambda: True)
     with pytest.warns(UserWarning, match="slower than in fp32"):
         assert Trainer(digits_config(tmp_path, amp="bf16")).autocast
-    monkeypatch.setattr(loop, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(loop, "bf16_emulated_on_cpu", lambda: False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert Trainer(digits_config(tmp_path, amp="bf16")).autocast

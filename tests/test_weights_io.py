@@ -93,6 +93,17 @@ def test_pre_logits_mismatch(tmp_path):
     assert plain.head.weight.abs().sum() == 0
 
 
+def test_weights_of_another_width_are_named_as_such(tmp_path):
+    save_weights(random_model(), tmp_path / "narrow.safetensors")
+    wide = VisionTransformer(_with(TINY, embed_dim=48, num_heads=2))
+    with pytest.raises(VitlabError, match="head reads 32 features and the model's 48.*another width"):
+        load_weights(wide, tmp_path / "narrow.safetensors", reset_head=True)  # a new head would not help
+    # With pre-logits the head reads the representation, so its width says nothing about the model's.
+    save_weights(random_model(_with(TINY, representation_size=16)), tmp_path / "rep16.safetensors")
+    with pytest.raises(VitlabError, match=r"head does not match: checkpoint has head\.weight \(5, 16\)"):
+        load_weights(VisionTransformer(_with(TINY, representation_size=8)), tmp_path / "rep16.safetensors")
+
+
 def test_missing_unexpected_and_mismatched_keys_are_named(tmp_path):
     state = random_model().state_dict()
     partial = {key: value for key, value in state.items() if key != "blocks.1.norm2.bias"}

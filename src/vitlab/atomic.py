@@ -20,7 +20,7 @@ from typing import BinaryIO
 def atomic_writer(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     """Yield a binary file in `path`'s directory that replaces `path` only once fully written and synced.
 
-    An OSError names `path` itself, not the temporary file, so the command line can report the user's argument.
+    An OSError about the temporary file names `path` instead, so the command line reports the user's argument.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)  # its error names the directory that could not be made
@@ -34,12 +34,11 @@ def atomic_writer(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(handle.name, path)
-    except BaseException as error:
+    except OSError as error:
+        raise _naming(error, path, handle.name) from None
+    finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(handle.name)
-        if isinstance(error, OSError):
-            raise _naming(error, path) from None
-        raise
     fsync_directory(path.parent)
 
 
@@ -51,17 +50,24 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | str) -> None:
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside `path` (same suffix) for a library that writes by file name (ONNX, Matplotlib);
-    it replaces `path` only when the block completes."""
+    """Yield a temporary path beside `path` (same suffix) for a library that writes by file name (ONNX, Matplotlib,
+    Pillow); it is synced and replaces `path` only when the block completes."""
     path = Path(path)
-    temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
     try:
-        yield temporary
-        os.replace(temporary, path)
+        descriptor, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
     except OSError as error:
         raise _naming(error, path) from None
+    os.close(descriptor)
+    try:
+        yield Path(name)
+        with open(name, "rb+") as written:  # the library closed it; its data reaches the disk before the rename
+            os.fsync(written.fileno())
+        os.replace(name, path)
+    except OSError as error:
+        raise _naming(error, path, name) from None
     finally:
-        temporary.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name)
     fsync_directory(path.parent)
 
 
@@ -75,5 +81,8 @@ def fsync_directory(directory: str | os.PathLike[str]) -> None:
             os.close(descriptor)
 
 
-def _naming(error: OSError, path: Path) -> OSError:
-    return type(error)(error.errno, error.strerror, str(path)) if error.errno else error
+def _naming(error: OSError, path: Path, temporary: str | None = None) -> OSError:
+    """`error` as about `path` when it is about the temporary file (or names no file), else unchanged."""
+    if not error.errno or (temporary is not None and error.filename not in (None, temporary)):
+        return error
+    return type(error)(error.errno, error.strerror, str(path))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -58,9 +59,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"vitlab {args.command}: error: no such file: {error.filename or error}", file=sys.stderr)
         return 2
     except OSError as error:
-        if error.filename is None:  # not about a path the user named: a real failure, with its traceback
+        if error.filename is None:  # a failure that names no file: a real one, with its traceback
             raise
-        reason = "exists and is not a directory" if isinstance(error, FileExistsError) else error.strerror
+        # A file in the way of a directory, an unwritable or full output: the file's name says what to change.
+        in_the_way = isinstance(error, FileExistsError) and not os.path.isdir(error.filename)
+        reason = "exists and is not a directory" if in_the_way else error.strerror
         print(f"vitlab {args.command}: error: {error.filename}: {reason or error}", file=sys.stderr)
         return 2
     except TrainingDiverged as error:

@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from vitlab.atomic import atomic_path
 from vitlab.errors import VitlabError
 from vitlab.models.vit import VisionTransformer
-from vitlab.atomic import atomic_path
 
 OPSET = 18
 INPUT_NAME = "pixels"

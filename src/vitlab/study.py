@@ -24,11 +24,11 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from vitlab.atomic import atomic_path, atomic_write
 from vitlab.errors import VitlabError
 from vitlab.models.registry import build_model, config_from_dict, create_model, list_models, model_config
 from vitlab.train.checkpoint import has_tensors
 from vitlab.train.config import FINETUNE_DEFAULTS, TrainConfig, config_to_json, override
-from vitlab.atomic import atomic_path, atomic_write
 
 # Family → TrainConfig overrides: its 28×28 grayscale model and the optimiser its own literature trains it with.
 FAMILY_RECIPES: dict[str, dict[str, Any]] = {
@@ -226,8 +226,8 @@ def resolution_study(study: Study, families: Sequence[str] = ("vit",), size: int
     table = _table(rows, ["run", "arm", "img_size", "steps", "total_steps", "test_top1", "best_top1", "time_s",
                           "total_time_s"])
     text = (f"{_header(study, 'Resolution study', rows)}\n\nThe fine-tuned arm spends {total - tune} steps at "
-            f"{low} px and {tune} at {high} px ({finetune_fraction:.0%}, SGD momentum 0.9, no weight decay, the pre-trained head "
-            f"kept); the other arms spend all {total} steps at one resolution.\n\n{table}\n")
+            f"{low} px and {tune} at {high} px ({finetune_fraction:.0%}, SGD momentum 0.9, no weight decay, the "
+            f"pre-trained head kept); the other arms spend all {total} steps at one resolution.\n\n{table}\n")
     figure = _bars([f"{row['model']}\n{row['arm']}" for row in rows], rows,
                    f"{study.dataset}: resolution ({size} images, {total} steps per arm)")
     return _write(study, "resolution", rows, text, figure)

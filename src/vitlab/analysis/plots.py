@@ -19,8 +19,8 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from vitlab.errors import VitlabError
 from vitlab.atomic import atomic_path, atomic_write
+from vitlab.errors import VitlabError
 
 HEATMAP = "jet"
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vitlab.train.config import RECIPES
 from vitlab.atomic import atomic_path, atomic_write
+from vitlab.train.config import RECIPES
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

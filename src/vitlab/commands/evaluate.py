@@ -9,13 +9,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vitlab.atomic import atomic_path
 from vitlab.commands import positive_int
 from vitlab.commands.train import checkpoint_train_config
 from vitlab.data import EvalTransform, load_dataset, match_channels
 from vitlab.errors import VitlabError
 from vitlab.eval.metrics import confusion_matrix, evaluate
 from vitlab.train.loop import select_device
-from vitlab.atomic import atomic_path
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

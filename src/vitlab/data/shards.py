@@ -35,9 +35,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from vitlab.atomic import atomic_write, fsync_directory
 from vitlab.data.datasets import BUILTIN, ImageTensors, load_dataset
 from vitlab.errors import VitlabError
-from vitlab.atomic import atomic_write, fsync_directory
 
 INFO_FILE = "dataset.json"
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm", "pgm", "tif", "tiff", "gif")
@@ -84,6 +84,9 @@ def write_shards(samples: Iterable[tuple[str, bytes, int]], out: Path, prefix: s
         shards[-1]["num_samples"] += 1
     if archive is not None:
         archive.close()
+    # Re-sharding into the same folder replaces shards by name. The old index goes first, so a folder left half
+    # re-written is read by scanning the shards it holds, never through sample counts of shards since replaced.
+    (out / INFO_FILE).unlink(missing_ok=True)
     for shard in shards:
         os.replace(shard.pop("partial"), out / shard["name"])
     fsync_directory(out)
@@ -141,10 +144,6 @@ def shard_dataset(source: str, out: str | Path, shard_size: int = 1000, subset: 
     if shard_size <= 0:
         raise VitlabError(f"--shard-size must be positive, got {shard_size}")
     out = Path(out)
-    # Re-sharding into the same folder replaces shards by name. The old record goes first, so a folder left half
-    # re-written is read by scanning the shards it holds, never through sample counts of shards since replaced.
-    out.mkdir(parents=True, exist_ok=True)
-    (out / INFO_FILE).unlink(missing_ok=True)
     info: dict[str, Any] = {"format": "vitlab-shards", "source": source, "seed": seed, "splits": {}}
     if source in BUILTIN:
         for split in ("train", "test"):

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from vitlab.atomic import atomic_path
 from vitlab.errors import VitlabError
 from vitlab.export import INPUT_NAME, export_onnx, require_onnxruntime, writable_path
-from vitlab.atomic import atomic_path
 
 QUANTIZE_MODES = ("int8",)
 

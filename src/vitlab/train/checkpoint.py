@@ -19,8 +19,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from vitlab.errors import VitlabError
 from vitlab.atomic import atomic_write, fsync_directory
+from vitlab.errors import VitlabError
 
 
 def check_writable(directory: Path) -> None:

@@ -57,7 +57,7 @@ class TrainConfig:
     compile: bool = False
     grad_checkpointing: bool = False  # recompute block activations in backward: fits bigger models in memory
     fsdp: bool = False  # shard parameters, gradients and optimizer state across processes (FSDP2)
-    threads: int | None = None
+    threads: int | None = None  # None or 0: torch's own choice
     eval_every_epochs: float = 1.0
     checkpoint_every_steps: int = 500
     eval_batch_size: int = 1000
@@ -76,14 +76,14 @@ class TrainConfig:
             if any(isinstance(number, float) and not math.isfinite(number) for number in numbers):
                 raise VitlabError(f"{name} must be finite, got {value}")
         positive = ("epochs", "batch_size", "accum_steps", "lr", "eval_batch_size", "checkpoint_every_steps",
-                    "eval_every_epochs", "img_size", "subset", "threads")
+                    "eval_every_epochs", "img_size", "subset")
         for name in positive:
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise VitlabError(f"{name} must be positive, got {getattr(self, name)}")
         non_negative = ("min_lr", "weight_decay", "warmup_steps", "warmup_epochs", "grad_clip", "label_smoothing",
-                        "crop_padding", "randaugment_ops", "mixup_alpha", "cutmix_alpha")
+                        "crop_padding", "randaugment_ops", "mixup_alpha", "cutmix_alpha", "threads")
         for name in non_negative:
-            if getattr(self, name) < 0:
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise VitlabError(f"{name} must not be negative, got {getattr(self, name)}")
         if len(self.betas) != 2 or not all(0.0 <= beta < 1.0 for beta in self.betas):
             raise VitlabError(f"betas must be two numbers in [0, 1), got {self.betas}")
@@ -176,7 +176,8 @@ def override(config: TrainConfig, values: dict[str, Any]) -> TrainConfig:
 
 
 def _convert(name: str, value: Any, annotation: str) -> Any:
-    """`value` (JSON text or a bare string) as a value of `annotation`, such as 'int | None' or 'tuple[float, float]'."""
+    """`value` (JSON text or a bare string) as a value of `annotation`, such as 'int | None' or 'tuple[float,
+    float]'."""
     if not isinstance(value, str):
         return value
     options = [part.strip() for part in annotation.split("|")]

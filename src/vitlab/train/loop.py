@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import time
 import warnings
 from dataclasses import dataclass
@@ -29,15 +30,19 @@ from vitlab.train.optim import build_optimizer, build_scheduler
 
 
 # Settings a resumed run must share with its checkpoint: the step → sample mapping depends on the data, subset,
-# seed and batch, and the restored scheduler on the epochs and learning-rate schedule.
+# seed and batch, the restored scheduler on the epochs and learning-rate schedule, and the restored optimizer keeps
+# its own weight decay, betas and momentum.
 RESUME_FIXED = ("dataset", "subset", "seed", "batch_size", "epochs", "optimizer", "lr", "min_lr", "schedule",
-                "warmup_steps", "warmup_epochs")
+                "warmup_steps", "warmup_epochs", "weight_decay", "betas", "momentum")
 
 
-def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively; there, bf16 autocast runs oneDNN matmuls several times faster
-    than fp32 ones (`amp=auto` still keeps the CPU in fp32, so results do not depend on the CPU model)."""
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+def bf16_emulated_on_cpu() -> bool:
+    """Whether this x86 CPU lacks bf16 instructions (AVX512-BF16, AMX), so that bf16 autocast would be slower than
+    fp32. Where they exist, oneDNN's bf16 matmuls run several times faster than fp32 ones; `amp=auto` still keeps
+    the CPU in fp32, so results do not depend on the CPU model. Other architectures are not judged."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    return not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 @dataclass
@@ -81,7 +86,7 @@ class Trainer:
         self.device = select_device(config.device)
         self.dist = distributed.Distributed(device=self.device)  # replaced by fit() under torchrun
         self.autocast = (config.amp == "bf16") or (config.amp == "auto" and self.device.type == "cuda")
-        if self.autocast and self.device.type == "cpu" and not cpu_has_bf16():
+        if self.autocast and self.device.type == "cpu" and bf16_emulated_on_cpu():
             warnings.warn("amp=bf16 on a CPU without bf16 instructions (AVX512-BF16 or AMX): PyTorch emulates "
                           "them, so training is slower than in fp32", stacklevel=2)
 

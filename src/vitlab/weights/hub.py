@@ -19,8 +19,8 @@ from pathlib import Path
 
 from torch import nn
 
-from vitlab.errors import VitlabError
 from vitlab.atomic import atomic_writer
+from vitlab.errors import VitlabError
 from vitlab.weights.io import load_weights
 
 _CHUNK = 1 << 20

@@ -234,9 +234,10 @@ def _fit_head(state: dict[str, torch.Tensor], target: dict[str, torch.Tensor], m
     model_key = next((key for key in _HEAD_WEIGHTS if key in target), None)
     file_shape = None if file_key is None else tuple(state[file_key].shape)
     model_shape = None if model_key is None else tuple(target[model_key].shape)
-    if file_shape and model_shape and file_shape[1:] != model_shape[1:]:
-        raise VitlabError(f"{path}: head does not match: the checkpoint's reads {file_shape[1]} features and the "
-                          f"model's {model_shape[1]}, so the weights are of a model of another width")
+    pre_logits = "pre_logits.fc.weight" in state or "pre_logits.fc.weight" in target  # the head reads its output
+    if file_shape and model_shape and file_shape[1:] != model_shape[1:] and not pre_logits:
+        raise VitlabError(f"{path}: head does not match: the checkpoint's head reads {file_shape[1]} features and "
+                          f"the model's {model_shape[1]}, so the weights are of a model of another width")
     if not dropped and file_shape != model_shape:
         if not reset_head:
             def describe(key: str | None, shape: tuple[int, ...] | None) -> str:
