@@ -219,3 +219,27 @@ def test_attention_equals_sdpa_on_either_side_of_the_short_sequence_paths(tokens
     out, probs = attention(x, return_attention=True)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(probs, (q @ k.transpose(-2, -1) * 8 ** -0.5).softmax(-1), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("tokens", [9, 50, 197])
+def test_bf16_attention_on_cpu_takes_the_explicit_path_and_matches_fp32(tokens: int,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under CPU bf16 autocast, SDPA's flash kernel (slow bf16 backward there) is not called at any length, and
+    the explicit bf16 path stays within bf16's precision of the fp32 result, gradients included."""
+    torch.manual_seed(0)
+    attention = Attention(64, num_heads=2)
+    x = torch.randn(4, tokens, 64, requires_grad=True)
+    expected = attention(x)
+    expected.square().sum().backward()
+    expected_grad, x.grad = x.grad.clone(), None
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("SDPA called under CPU bf16 autocast")
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", refuse)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention(x)
+    assert out.dtype == torch.bfloat16
+    out.float().square().sum().backward()
+    torch.testing.assert_close(out.float(), expected, rtol=0.05, atol=0.02)
+    assert (x.grad - expected_grad).norm() < 0.05 * expected_grad.norm()

@@ -29,7 +29,9 @@ class Attention(nn.Module):
     explicit path too: there SDPA's flash kernel costs more than three plain matmuls (measured on 2 Zen3 cores,
     training steps of a width-128 ViT: 1.22x faster at 9 tokens, 1.12x at 16, equal at 49, slower at 197). Below
     `KEY_MAJOR_MAX_TOKENS` the scores are laid out keys × queries, because PyTorch's CPU softmax over a short
-    last dim is slow (+4-5% on the same step at 9 tokens).
+    last dim is slow (+4-5% on the same step at 9 tokens). In bf16 on CPU (autocast) every length takes the
+    explicit path: the flash kernel's bf16 backward is slow there, and attention's forward + backward took 3-7x
+    as long as three bf16 matmuls (9.9 against 30.9 ms for Ti/16's shapes at batch 32, on AVX512-BF16 cores).
     """
 
     EXPLICIT_MAX_TOKENS = 32
@@ -55,7 +57,7 @@ class Attention(nn.Module):
         q, k, v = qkv.unbind(0)
         dropout = self.attn_drop if self.training else 0.0
         on_cpu = x.device.type == "cpu"
-        if return_attention or (tokens <= self.EXPLICIT_MAX_TOKENS and on_cpu):
+        if return_attention or (on_cpu and (tokens <= self.EXPLICIT_MAX_TOKENS or q.dtype == torch.bfloat16)):
             if tokens < self.KEY_MAJOR_MAX_TOKENS and on_cpu:
                 # forward + backward of the softmax at 9 tokens: 434 us over the last dim, 122 us over dim -2
                 probs = (k @ (q * self.scale).transpose(-2, -1)).softmax(dim=-2).transpose(-2, -1)
