@@ -24,22 +24,8 @@ def atomic_writer(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)  # its error names the directory that could not be made
-    try:
-        handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
-    except OSError as error:
-        raise _naming(error, path) from None
-    try:
-        with handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    except OSError as error:
-        raise _naming(error, path, handle.name) from None
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(handle.name)
-    fsync_directory(path.parent)
+    with _replacing(path, ".tmp") as temporary, open(temporary, "wb") as handle:
+        yield handle
 
 
 def atomic_write(path: str | os.PathLike[str], data: bytes | str) -> None:
@@ -53,14 +39,22 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside `path` (same suffix) for a library that writes by file name (ONNX, Matplotlib,
     Pillow); it is synced and replaces `path` only when the block completes."""
     path = Path(path)
+    with _replacing(path, f".tmp{path.suffix}") as temporary:
+        yield temporary
+
+
+@contextlib.contextmanager
+def _replacing(path: Path, suffix: str) -> Iterator[Path]:
+    """The one mechanism behind both writers: a temporary file beside `path`, synced and renamed over `path` once
+    the block completes, removed otherwise; an OSError about it is reported as about `path`."""
     try:
-        descriptor, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
+        descriptor, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     except OSError as error:
         raise _naming(error, path) from None
     os.close(descriptor)
     try:
         yield Path(name)
-        with open(name, "rb+") as written:  # the library closed it; its data reaches the disk before the rename
+        with open(name, "rb+") as written:  # whoever wrote it has closed it; its data reaches the disk first
             os.fsync(written.fileno())
         os.replace(name, path)
     except OSError as error:
