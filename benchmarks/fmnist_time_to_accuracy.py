@@ -16,6 +16,10 @@ Runs:
 - `vitlab-bf16`: the `fmnist-vit` stage alone under bf16 autocast (`amp=bf16`). It is faster only on CPUs with bf16
   instructions (AVX512-BF16 or AMX), where oneDNN's bf16 matmuls run several times faster than fp32 ones; elsewhere
   they are emulated and slower;
+- `vitlab-long`, `vitlab-long-21px`, `vitlab-long-patch-dropout`: the `fmnist-vit-long` recipe (28 px, random
+  2-px shifts, 100 epochs) under bf16 autocast; at 21 px; and on half of the patch tokens. They take 30-40 minutes
+  on one core: give them `--budget-s 2700`;
+- `vitlab-p4`: the `fmnist-vit-p4` recipe (4-px patches, 49 tokens, width 64, 60 epochs) under bf16 autocast;
 - `timm`: timm's VisionTransformer of the same shape, AdamW defaults, constant lr, no augmentation.
 
 All evaluate on the full 10k test set once per epoch. vitlab's clock is its runs' `elapsed_s` (evaluations
@@ -54,6 +58,13 @@ VITLAB_RUNS: dict[str, list[tuple[str, dict[str, Any]]]] = {
                         "model_overrides": {**recipe_config("fmnist-vit").model_overrides, "patch_dropout": 0.5}}),
         ("fmnist-finetune", {"model_overrides": {"patch_dropout": 0.0}})],
     "vitlab-bf16": [("fmnist-vit", {"amp": "bf16"})],
+    "vitlab-long": [("fmnist-vit-long", {"amp": "bf16"})],
+    "vitlab-long-21px": [("fmnist-vit-long", {"amp": "bf16", "img_size": 21})],
+    "vitlab-long-patch-dropout": [
+        ("fmnist-vit-long", {"amp": "bf16",
+                             "model_overrides": {**recipe_config("fmnist-vit-long").model_overrides,
+                                                 "patch_dropout": 0.5}})],
+    "vitlab-p4": [("fmnist-vit-p4", {"amp": "bf16"})],
 }
 
 

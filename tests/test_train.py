@@ -110,9 +110,9 @@ def test_resume_refuses_a_different_model(tmp_path: Path) -> None:
 
 
 def test_recipes_are_complete_and_overridable() -> None:
-    for name in ("fmnist-vit", "paper-pretrain-i21k", "paper-finetune", "bv-s16-i1k"):
-        recipe = RECIPES[name]
-        assert recipe.command and recipe.expected
+    assert {"fmnist-vit", "fmnist-vit-long", "fmnist-vit-p4", "paper-pretrain-i21k", "paper-finetune"} <= set(RECIPES)
+    for name, recipe in RECIPES.items():
+        assert f"--recipe {name}" in recipe.command and recipe.expected and recipe.description, name
     paper = RECIPES["paper-finetune"].config
     assert (paper.optimizer, paper.momentum, paper.weight_decay, paper.grad_clip) == ("sgd", 0.9, 0.0, 1.0)
     changed = override(RECIPES["fmnist-vit"].config, {"lr": "0.01", "ema_decay": "0.99", "hflip": "false"})
