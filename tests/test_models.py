@@ -207,18 +207,37 @@ def test_patch_kernel_init_is_lecun_normal_truncated_at_two_std() -> None:
     assert weight.abs().max().item() <= 2 * 768 ** -0.5 / .87962566103423978 + 1e-7
 
 
+@pytest.mark.parametrize("batch", [1, Attention.EXPLICIT_MIN_BATCH])
 @pytest.mark.parametrize("tokens", [9, Attention.KEY_MAJOR_MAX_TOKENS, Attention.EXPLICIT_MAX_TOKENS,
                                     Attention.EXPLICIT_MAX_TOKENS + 1, 50])
-def test_attention_equals_sdpa_on_either_side_of_the_short_sequence_paths(tokens: int) -> None:
+def test_attention_equals_sdpa_on_either_side_of_the_short_sequence_paths(tokens: int, batch: int) -> None:
     torch.manual_seed(0)
     attention = Attention(32, num_heads=4).eval()
-    x = torch.randn(2, tokens, 32)
-    q, k, v = attention.qkv(x).reshape(2, tokens, 3, 4, 8).permute(2, 0, 3, 1, 4)
-    expected = attention.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(2, tokens, 32))
+    x = torch.randn(batch, tokens, 32)
+    q, k, v = attention.qkv(x).reshape(batch, tokens, 3, 4, 8).permute(2, 0, 3, 1, 4)
+    expected = attention.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, tokens, 32))
     torch.testing.assert_close(attention(x), expected, rtol=1e-5, atol=1e-6)
     out, probs = attention(x, return_attention=True)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(probs, (q @ k.transpose(-2, -1) * 8 ** -0.5).softmax(-1), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("batch", "tokens", "sdpa"), [
+    (1, 9, True), (Attention.EXPLICIT_MIN_BATCH - 1, 9, True), (Attention.EXPLICIT_MIN_BATCH, 9, False),
+    (Attention.EXPLICIT_MIN_BATCH, Attention.EXPLICIT_MAX_TOKENS, False),
+    (Attention.EXPLICIT_MIN_BATCH, Attention.EXPLICIT_MAX_TOKENS + 1, True)])
+def test_cpu_fp32_attention_calls_sdpa_except_for_short_sequences_in_big_batches(
+        batch: int, tokens: int, sdpa: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    fused = F.scaled_dot_product_attention
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return fused(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", counted)
+    Attention(32, num_heads=4)(torch.randn(batch, tokens, 32))
+    assert bool(calls) == sdpa
 
 
 @pytest.mark.parametrize("tokens", [9, 50, 197])

@@ -26,15 +26,19 @@ class Attention(nn.Module):
     The default path calls `F.scaled_dot_product_attention`, so CUDA picks flash or memory-efficient kernels.
     With `return_attention=True` the same Q and K are multiplied explicitly, so the probabilities returned are
     exactly the ones the fused kernel uses internally. On CPU, sequences of at most `EXPLICIT_MAX_TOKENS` take the
-    explicit path too: there SDPA's flash kernel costs more than three plain matmuls (measured on 2 Zen3 cores,
-    training steps of a width-128 ViT: 1.22x faster at 9 tokens, 1.12x at 16, equal at 49, slower at 197). Below
-    `KEY_MAJOR_MAX_TOKENS` the scores are laid out keys × queries, because PyTorch's CPU softmax over a short
-    last dim is slow (+4-5% on the same step at 9 tokens). In bf16 on CPU (autocast) every length takes the
-    explicit path: the flash kernel's bf16 backward is slow there, and attention's forward + backward took 3-7x
-    as long as three bf16 matmuls (9.9 against 30.9 ms for Ti/16's shapes at batch 32, on AVX512-BF16 cores).
+    explicit path too, from a batch of `EXPLICIT_MIN_BATCH` up: there SDPA's flash kernel costs more than three
+    plain matmuls (measured on 2 Zen3 cores, training steps of a width-128 ViT: 1.22x faster at 9 tokens, 1.12x
+    at 16, equal at 49, slower at 197; width-96 inference at batch 256: 1.43x at 9 tokens). Smaller batches,
+    where Python's per-op cost dominates, keep SDPA's single call (width-96 inference at batch 1-4: 1.03-1.17x
+    faster than the explicit path's five ops). Below `KEY_MAJOR_MAX_TOKENS` the scores are laid out keys ×
+    queries, because PyTorch's CPU softmax over a short last dim is slow (+4-5% on the same training step at 9
+    tokens). In bf16 on CPU (autocast) every length and batch takes the explicit path: the flash kernel's bf16
+    backward is slow there, and attention's forward + backward took 3-7x as long as three bf16 matmuls (9.9
+    against 30.9 ms for Ti/16's shapes at batch 32, on AVX512-BF16 cores).
     """
 
     EXPLICIT_MAX_TOKENS = 32
+    EXPLICIT_MIN_BATCH = 8
     KEY_MAJOR_MAX_TOKENS = 24
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0,
@@ -57,7 +61,8 @@ class Attention(nn.Module):
         q, k, v = qkv.unbind(0)
         dropout = self.attn_drop if self.training else 0.0
         on_cpu = x.device.type == "cpu"
-        if return_attention or (on_cpu and (tokens <= self.EXPLICIT_MAX_TOKENS or q.dtype == torch.bfloat16)):
+        short = tokens <= self.EXPLICIT_MAX_TOKENS and batch >= self.EXPLICIT_MIN_BATCH
+        if return_attention or (on_cpu and (short or q.dtype == torch.bfloat16)):
             if tokens < self.KEY_MAJOR_MAX_TOKENS and on_cpu:
                 # forward + backward of the softmax at 9 tokens: 434 us over the last dim, 122 us over dim -2
                 probs = (k @ (q * self.scale).transpose(-2, -1)).softmax(dim=-2).transpose(-2, -1)
