@@ -226,8 +226,11 @@ def test_attention_equals_sdpa_on_either_side_of_the_short_sequence_paths(tokens
     (1, 9, True), (Attention.EXPLICIT_MIN_BATCH - 1, 9, True), (Attention.EXPLICIT_MIN_BATCH, 9, False),
     (Attention.EXPLICIT_MIN_BATCH, Attention.EXPLICIT_MAX_TOKENS, False),
     (Attention.EXPLICIT_MIN_BATCH, Attention.EXPLICIT_MAX_TOKENS + 1, True)])
-def test_cpu_fp32_attention_calls_sdpa_except_for_short_sequences_in_big_batches(
-        batch: int, tokens: int, sdpa: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("bf16", [False, True])
+def test_cpu_attention_calls_sdpa_for_short_sequences_only_in_small_batches(
+        batch: int, tokens: int, sdpa: bool, bf16: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp32: SDPA except for short sequences from EXPLICIT_MIN_BATCH up; bf16: SDPA only for short sequences in
+    small batches."""
     calls = []
     fused = F.scaled_dot_product_attention
 
@@ -236,8 +239,10 @@ def test_cpu_fp32_attention_calls_sdpa_except_for_short_sequences_in_big_batches
         return fused(*args, **kwargs)
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", counted)
-    Attention(32, num_heads=4)(torch.randn(batch, tokens, 32))
-    assert bool(calls) == sdpa
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        Attention(32, num_heads=4)(torch.randn(batch, tokens, 32))
+    short_in_small_batch = tokens <= Attention.EXPLICIT_MAX_TOKENS and batch < Attention.EXPLICIT_MIN_BATCH
+    assert bool(calls) == (short_in_small_batch if bf16 else sdpa)
 
 
 @pytest.mark.parametrize("tokens", [9, 50, 197])
@@ -247,7 +252,7 @@ def test_bf16_attention_on_cpu_takes_the_explicit_path_and_matches_fp32(tokens: 
     the explicit bf16 path stays within bf16's precision of the fp32 result, gradients included."""
     torch.manual_seed(0)
     attention = Attention(64, num_heads=2)
-    x = torch.randn(4, tokens, 64, requires_grad=True)
+    x = torch.randn(Attention.EXPLICIT_MIN_BATCH, tokens, 64, requires_grad=True)
     expected = attention(x)
     expected.square().sum().backward()
     expected_grad, x.grad = x.grad.clone(), None

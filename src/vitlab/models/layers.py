@@ -32,9 +32,11 @@ class Attention(nn.Module):
     where Python's per-op cost dominates, keep SDPA's single call (width-96 inference at batch 1-4: 1.03-1.17x
     faster than the explicit path's five ops). Below `KEY_MAJOR_MAX_TOKENS` the scores are laid out keys ×
     queries, because PyTorch's CPU softmax over a short last dim is slow (+4-5% on the same training step at 9
-    tokens). In bf16 on CPU (autocast) every length and batch takes the explicit path: the flash kernel's bf16
+    tokens). In bf16 on CPU (autocast) longer sequences take the explicit path too: the flash kernel's bf16
     backward is slow there, and attention's forward + backward took 3-7x as long as three bf16 matmuls (9.9
-    against 30.9 ms for Ti/16's shapes at batch 32, on AVX512-BF16 cores).
+    against 30.9 ms for Ti/16's shapes at batch 32, on AVX512-BF16 cores); Ti/16's bf16 inference is 1.09-1.30x
+    faster on it at batch 1-32. Short sequences in small batches keep SDPA in bf16 as well (1.11-1.17x at batch
+    1-4).
     """
 
     EXPLICIT_MAX_TOKENS = 32
@@ -61,8 +63,9 @@ class Attention(nn.Module):
         q, k, v = qkv.unbind(0)
         dropout = self.attn_drop if self.training else 0.0
         on_cpu = x.device.type == "cpu"
-        short = tokens <= self.EXPLICIT_MAX_TOKENS and batch >= self.EXPLICIT_MIN_BATCH
-        if return_attention or (on_cpu and (short or q.dtype == torch.bfloat16)):
+        short = tokens <= self.EXPLICIT_MAX_TOKENS
+        few_calls = short and batch < self.EXPLICIT_MIN_BATCH  # per-op cost dominates: one SDPA call is cheaper
+        if return_attention or (on_cpu and not few_calls and (short or q.dtype == torch.bfloat16)):
             if tokens < self.KEY_MAJOR_MAX_TOKENS and on_cpu:
                 # forward + backward of the softmax at 9 tokens: 434 us over the last dim, 122 us over dim -2
                 probs = (k @ (q * self.scale).transpose(-2, -1)).softmax(dim=-2).transpose(-2, -1)
