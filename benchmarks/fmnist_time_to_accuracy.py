@@ -48,22 +48,25 @@ from vitlab.train.loop import Trainer
 
 THRESHOLDS = (0.90, 0.92)
 FULL_SIZE = 28
+
+
+def with_patch_dropout(recipe: str, rate: float = 0.5) -> dict[str, Any]:
+    """Overrides that train `recipe`'s model on a random `1 - rate` share of its patch tokens (FLIP)."""
+    return {"model_overrides": {**recipe_config(recipe).model_overrides, "patch_dropout": rate}}
+
+
 # name -> the stages it trains, each (recipe, overrides); a later stage starts from the one before it
 VITLAB_RUNS: dict[str, list[tuple[str, dict[str, Any]]]] = {
     "vitlab": [("fmnist-vit", {}), ("fmnist-finetune", {})],
     # 16 tokens an image instead of 9: 19 epochs see as many tokens as the recipe's 33, so the schedule ends in time
     "vitlab-28px": [("fmnist-vit", {"img_size": FULL_SIZE, "epochs": 19})],
     "vitlab-patch-dropout": [
-        ("fmnist-vit", {"img_size": FULL_SIZE,
-                        "model_overrides": {**recipe_config("fmnist-vit").model_overrides, "patch_dropout": 0.5}}),
+        ("fmnist-vit", {"img_size": FULL_SIZE, **with_patch_dropout("fmnist-vit")}),
         ("fmnist-finetune", {"model_overrides": {"patch_dropout": 0.0}})],
     "vitlab-bf16": [("fmnist-vit", {"amp": "bf16"})],
     "vitlab-long": [("fmnist-vit-long", {"amp": "bf16"})],
     "vitlab-long-21px": [("fmnist-vit-long", {"amp": "bf16", "img_size": 21})],
-    "vitlab-long-patch-dropout": [
-        ("fmnist-vit-long", {"amp": "bf16",
-                             "model_overrides": {**recipe_config("fmnist-vit-long").model_overrides,
-                                                 "patch_dropout": 0.5}})],
+    "vitlab-long-patch-dropout": [("fmnist-vit-long", {"amp": "bf16", **with_patch_dropout("fmnist-vit-long")})],
     "vitlab-p4": [("fmnist-vit-p4", {"amp": "bf16"})],
 }
 

@@ -141,10 +141,8 @@ RECIPES: dict[str, Recipe] = {
                     "positions, random 2-px shifts and hflip, for 60 epochs: the shape that reaches 92.3% in 200 "
                     "epochs in s-chh/PyTorch-Scratch-Vision-Transformer-ViT"),
     "fmnist-finetune": Recipe(
-        TrainConfig(model="vit-mini-p7-28", model_overrides=FMNIST_VIT_SHAPE, dataset="fashion-mnist", img_size=28,
-                    epochs=0.5, batch_size=128,
-                    optimizer="adamw", lr=1e-3, weight_decay=0.0, warmup_epochs=0.1, label_smoothing=0.1,
-                    hflip=True, new_head=False, out="runs/fmnist-finetune"),
+        dataclasses.replace(FMNIST_VIT, img_size=28, epochs=0.5, batch_size=128, lr=1e-3, weight_decay=0.0,
+                            warmup_epochs=0.1, new_head=False, out="runs/fmnist-finetune"),
         command="vitlab finetune --recipe fmnist-finetune --from runs/fmnist-vit --out runs/fmnist-finetune",
         expected="83.2% after half an epoch at 28 px from the 90.4% fmnist-vit model (measured 2026-11-23): "
                  "the change of scale costs more than a short fine-tuning recovers",
