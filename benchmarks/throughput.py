@@ -182,7 +182,7 @@ def build_int8(source: VisionTransformer, folder: Path, threads: int) -> Contend
     the cores from the PyTorch contenders timed right after them."""
     import onnxruntime as ort
 
-    from vitlab.models.quantize import OnnxRuntimeModel, export_int8_onnx
+    from vitlab.export import OnnxRuntimeModel, export_int8_onnx
 
     graph = export_int8_onnx(source, folder / f"{id(source)}-int8.onnx").read_bytes()
     model = OnnxRuntimeModel(graph, source.config, threads)

@@ -13,8 +13,7 @@ import torch
 import vitlab
 from vitlab.cli import main
 from vitlab.data.datasets import load_dataset
-from vitlab.export import INPUT_NAME, export_onnx
-from vitlab.models.quantize import OnnxRuntimeModel, quantize_model
+from vitlab.export import INPUT_NAME, OnnxRuntimeModel, export_onnx, quantize_model
 from vitlab.models.vit import ViTConfig, VisionTransformer
 
 from helpers import one_error_line, random_model

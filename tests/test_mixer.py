@@ -11,9 +11,10 @@ import pytest
 import timm
 import torch
 
+from vitlab import create_model
 from vitlab.errors import VitlabError
 from vitlab.models.mixer import MixerConfig, MlpMixer
-from vitlab.models.registry import config_from_dict, config_to_dict, create_model, list_models
+from vitlab.models.registry import config_from_dict, config_to_dict, list_models
 from vitlab.train.config import TrainConfig
 from vitlab.train.loop import Trainer
 from vitlab.weights import mixer as mixer_weights

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -10,6 +11,8 @@ import torch.nn.functional as F
 
 import vitlab
 from vitlab.errors import VitlabError
+from vitlab.models import (CROSS_ATTENTION, Family, build_model, capabilities, get_family, get_spec, list_families,
+                           model_config)
 from vitlab.models.layers import Attention, resample_position_embedding, sincos_2d_position_embedding
 
 from helpers import TINY_VIT, random_model
@@ -267,3 +270,23 @@ def test_bf16_attention_on_cpu_takes_the_explicit_path_and_matches_fp32(tokens: 
     out.float().square().sum().backward()
     torch.testing.assert_close(out.float(), expected, rtol=0.05, atol=0.02)
     assert (x.grad - expected_grad).norm() < 0.05 * expected_grad.norm()
+
+
+@pytest.mark.parametrize("family", list_families(), ids=lambda family: family.name)
+def test_each_family_declares_what_generic_code_needs(family: Family) -> None:
+    """A family's declaration names real config fields, builds its own models, and its analysis capabilities
+    match what those models return with `return_attention=True`."""
+    fields = {field.name for field in dataclasses.fields(family.config_type)}
+    assert set(family.architecture_fields) <= fields
+    name = next(name for name in vitlab.list_models() if get_spec(name).family == family.name and "mini" in name)
+    config = model_config(name)
+    model = build_model(config)
+    assert type(family.build(config)) is type(model) and get_family(config) is family
+    assert capabilities(model) == family.capabilities
+    images = torch.randn(1, config.in_chans, *config.img_size)
+    if family.capabilities:
+        _, maps = model.eval()(images, return_attention=True)
+        cross = CROSS_ATTENTION in family.capabilities
+        queries = config.num_latents if cross else model.num_prefix_tokens + math.prod(config.grid_size)
+        assert maps[0].shape[-2] == queries
+    assert capabilities(torch.nn.Linear(1, 1)) == frozenset()

@@ -13,12 +13,13 @@ import torch
 from PIL import Image
 
 from helpers import one_error_line
+from vitlab import create_model
 from vitlab.analysis import cross_attention_maps
 from vitlab.cli import main
 from vitlab.commands.analyze import load_images
 from vitlab.errors import VitlabError
 from vitlab.models.perceiver import Perceiver, PerceiverConfig, fourier_position_features
-from vitlab.models.registry import config_from_dict, config_to_dict, create_model, list_models
+from vitlab.models.registry import config_from_dict, config_to_dict, list_models
 from vitlab.train.config import TrainConfig
 from vitlab.train.loop import Trainer
 from vitlab.weights import load_model, save_weights

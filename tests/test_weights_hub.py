@@ -8,8 +8,9 @@ import hashlib
 import pytest
 import torch
 
+from vitlab import create_model
 from vitlab.errors import VitlabError
-from vitlab.models import create_model, get_spec
+from vitlab.models import get_spec
 from vitlab.weights import hub, save_weights
 
 MODEL = "vit-mini-p4-32"  # 32 px, 8×8 grid, 10 classes: small enough to build in milliseconds

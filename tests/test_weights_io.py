@@ -14,9 +14,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from helpers import TINY_VIT, random_model
+from vitlab import create_model
 from vitlab.commands import convert
 from vitlab.errors import VitlabError
-from vitlab.models import ViTConfig, VisionTransformer, config_to_dict, create_model
+from vitlab.models import ViTConfig, VisionTransformer, config_to_dict
 from vitlab.models.layers import resample_position_embedding
 from vitlab.weights import load_model, load_weights, save_weights
 

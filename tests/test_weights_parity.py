@@ -8,8 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from vitlab import create_model
 from vitlab.errors import VitlabError
-from vitlab.models import ViTConfig, VisionTransformer, create_model
+from vitlab.models import ViTConfig, VisionTransformer
 from vitlab.weights import load_model, load_weights, save_weights
 
 timm = pytest.importorskip("timm")

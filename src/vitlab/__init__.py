@@ -1,7 +1,10 @@
 """vitlab: Vision Transformers (Dosovitskiy et al., 2021) to build, train, load, analyse and compare."""
 
+import importlib
+
 from vitlab.errors import VitlabError
-from vitlab.models import create_model, list_models
+from vitlab.factory import create_model
+from vitlab.models import list_models
 
 __version__ = "0.1.0"
 
@@ -9,9 +12,14 @@ __all__ = ["VitlabError", "create_model", "list_models", "load_weights", "save_w
 
 
 def __getattr__(name: str):
-    # The weight converters import numpy/safetensors machinery; load them only when asked for.
+    # Sub-packages load on first use (`vitlab.weights` after a bare `import vitlab`): the weight converters, the
+    # trainer and the plots import machinery that building a model does not need.
     if name in ("load_weights", "save_weights"):
-        from vitlab import weights
-
-        return getattr(weights, name)
+        return getattr(importlib.import_module("vitlab.weights"), name)
+    if not name.startswith("_"):
+        try:
+            return importlib.import_module(f"vitlab.{name}")
+        except ModuleNotFoundError as error:
+            if error.name != f"vitlab.{name}":
+                raise
     raise AttributeError(f"module 'vitlab' has no attribute {name!r}")

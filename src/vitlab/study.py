@@ -26,7 +26,7 @@ from matplotlib.figure import Figure
 
 from vitlab.atomic import atomic_path, atomic_write
 from vitlab.errors import VitlabError
-from vitlab.models.registry import build_model, config_from_dict, create_model, list_models, model_config
+from vitlab.models.registry import build_model, config_from_dict, list_models, model_config
 from vitlab.train.checkpoint import has_tensors
 from vitlab.train.config import FINETUNE_DEFAULTS, TrainConfig, config_to_json, override
 
@@ -268,8 +268,8 @@ def _check_resizable(recipe: dict[str, Any], low: int, high: int) -> None:
     refused = f"{recipe['model']} cannot be fine-tuned from {low} px to {high} px"
     try:
         with torch.device("meta"):
-            shapes = [{key: value.shape for key, value in create_model(
-                recipe["model"], img_size=img_size, **recipe.get("model_overrides", {})).state_dict().items()}
+            shapes = [{key: value.shape for key, value in build_model(model_config(
+                recipe["model"], img_size=img_size, **recipe.get("model_overrides", {}))).state_dict().items()}
                 for img_size in (low, high)]
     except VitlabError as error:  # e.g. a size that the patch size does not divide
         raise VitlabError(f"{refused}: {error}") from None

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from vitlab.errors import VitlabError
+from vitlab.models import CROSS_ATTENTION, capabilities
 
 HEAD_FUSIONS = ("mean", "max", "min")
 
@@ -68,7 +69,7 @@ def cross_attention_maps(model: nn.Module, images: torch.Tensor) -> torch.Tensor
     """A Perceiver's attention from its latents to the pixels at every cross-attend, shape (S, B, heads, N, H*W):
     cross-attend, image, head, latent, pixel in raster order; each latent's row sums to 1 (paper Fig. 3 and 7
     show these maps). Computed in eval mode without gradients."""
-    if not hasattr(model, "cross_attends"):
+    if CROSS_ATTENTION not in capabilities(model):
         raise VitlabError(f"cross_attention_maps needs a Perceiver, got {type(model).__name__}")
     images = _check_images(model, images)
     with _eval_mode(model):

@@ -20,6 +20,7 @@ from vitlab.commands import positive_int
 from vitlab.data import BUILTIN, EvalTransform, load_dataset, match_channels
 from vitlab.data.transforms import MEAN, STD
 from vitlab.errors import VitlabError
+from vitlab.models import ATTENTION, CROSS_ATTENTION, capabilities
 
 SHOWN_LATENTS = 8  # latents drawn per cross-attend in a Perceiver's figures
 MAP_ELEMENTS = 2 ** 26  # attention weights per chunk (256 MiB in fp32) while a Perceiver's entropy is summed
@@ -102,12 +103,13 @@ def run(args: argparse.Namespace) -> int:
         raise VitlabError(f"--device {args.device!r}: {error}") from None
 
     model = load_model(args.checkpoint, model_name=args.model)
-    if hasattr(model, "cross_attends"):
+    supported = capabilities(model)
+    if CROSS_ATTENTION in supported:
         return run_perceiver(args, model, device)
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(model, "patch_embed") or not hasattr(model, "num_prefix_tokens"):
+    if ATTENTION not in supported:
         raise VitlabError(f"{args.checkpoint}: vitlab analyze supports Vision Transformers and Perceivers, got "
                           f"{type(model).__name__}")
+    config = model.config
     if not 0 <= args.head < config.num_heads:
         raise VitlabError(f"--head must be in [0, {config.num_heads - 1}], got {args.head}")
     model = model.to(device).eval()

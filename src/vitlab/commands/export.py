@@ -7,8 +7,7 @@ import argparse
 import numpy as np
 import torch
 
-from vitlab.export import INPUT_NAME, export_onnx, require_onnxruntime, writable_path
-from vitlab.models.quantize import export_int8_onnx
+from vitlab.export import INPUT_NAME, export_int8_onnx, export_onnx, require_onnxruntime, writable_path
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -7,7 +7,7 @@ import argparse
 import torch
 
 from vitlab.errors import VitlabError
-from vitlab.models.registry import create_model, get_spec, list_models
+from vitlab.models.registry import build_model, get_spec, list_models, model_config
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -23,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
         raise VitlabError(f"no model name contains {args.pattern!r}; `vitlab models` lists them all")
     for name in names:
         with torch.device("meta"):  # count parameters without allocating the weights
-            model = create_model(name, num_classes=args.num_classes)
+            model = build_model(model_config(name, num_classes=args.num_classes))
         count = sum(p.numel() for p in model.parameters())
         spec = get_spec(name)
         print(f"{name:<18} {count:>13,}  {spec.description}")

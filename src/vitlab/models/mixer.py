@@ -22,9 +22,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vitlab.errors import VitlabError
-from vitlab.models.checks import (require_class_count, require_positive_int, require_positive_number,
-                                  require_probability)
-from vitlab.models.layers import DropPath, Mlp, lecun_normal_, to_2tuple, zero_head
+from vitlab.models import checks
+from vitlab.models.family import Family
+from vitlab.models.layers import DropPath, Mlp, lecun_normal_, zero_head
 from vitlab.models.vit import PatchEmbed
 
 
@@ -45,17 +45,14 @@ class MixerConfig:
     layer_norm_eps: float = 1e-6
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "img_size", to_2tuple(self.img_size))
+        object.__setattr__(self, "img_size", checks.image_size(self.img_size))
         for name in ("patch_size", "in_chans", "embed_dim", "depth", "tokens_mlp_dim", "channels_mlp_dim"):
-            require_positive_int(name, getattr(self, name))
-        for side in self.img_size:
-            require_positive_int("img_size", side)
-        require_class_count(self.num_classes)
+            checks.require_positive_int(name, getattr(self, name))
+        checks.require_class_count(self.num_classes)
         for name in ("dropout", "drop_path"):
-            require_probability(name, getattr(self, name))
-        require_positive_number("layer_norm_eps", self.layer_norm_eps)
-        if any(side % self.patch_size for side in self.img_size):
-            raise VitlabError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
+            checks.require_probability(name, getattr(self, name))
+        checks.require_positive_number("layer_norm_eps", self.layer_norm_eps)
+        checks.require_grid(self.img_size, self.patch_size)
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -145,3 +142,7 @@ class MlpMixer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+FAMILY = Family("mixer", "MLP-Mixer", MixerConfig, MlpMixer,
+                architecture_fields=("patch_size", "embed_dim", "depth", "tokens_mlp_dim", "channels_mlp_dim"))

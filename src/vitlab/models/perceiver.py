@@ -30,8 +30,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vitlab.errors import VitlabError
-from vitlab.models.checks import require_class_count, require_positive_int, require_positive_number
-from vitlab.models.layers import Mlp, lecun_normal_, to_2tuple, truncated_normal_, zero_head
+from vitlab.models import checks
+from vitlab.models.family import CROSS_ATTENTION, Family
+from vitlab.models.layers import Mlp, lecun_normal_, truncated_normal_, zero_head
 from vitlab.models.vit import Block
 
 
@@ -55,21 +56,17 @@ class PerceiverConfig:
     layer_norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "img_size", to_2tuple(self.img_size))
+        object.__setattr__(self, "img_size", checks.image_size(self.img_size))
         for name in ("in_chans", "num_latents", "latent_dim", "num_cross_attends", "latent_blocks", "cross_heads",
                      "latent_heads", "num_bands", "max_resolution"):
-            require_positive_int(name, getattr(self, name))
-        for side in self.img_size:
-            require_positive_int("img_size", side)
-        require_class_count(self.num_classes)
-        require_positive_number("mlp_ratio", self.mlp_ratio)
-        require_positive_number("layer_norm_eps", self.layer_norm_eps)
-        if not isinstance(self.share_weights, bool):
-            raise VitlabError(f"share_weights must be true or false, got {self.share_weights!r}")
+            checks.require_positive_int(name, getattr(self, name))
+        checks.require_class_count(self.num_classes)
+        checks.require_positive_number("mlp_ratio", self.mlp_ratio)
+        checks.require_positive_number("layer_norm_eps", self.layer_norm_eps)
+        checks.require_bool("share_weights", self.share_weights)
         if self.mlp_dim < 1:
             raise VitlabError(f"mlp_ratio {self.mlp_ratio} gives latent_dim {self.latent_dim} no dense units")
-        if self.latent_dim % self.latent_heads:
-            raise VitlabError(f"latent_dim {self.latent_dim} is not divisible by latent_heads {self.latent_heads}")
+        checks.require_divisible("latent_dim", self.latent_dim, "latent_heads", self.latent_heads)
         if self.cross_attention_dim % self.cross_heads:
             raise VitlabError(f"the cross-attention width {self.cross_attention_dim} (the smaller of latent_dim and "
                               f"the {self.input_channels} input channels) is not divisible by cross_heads "
@@ -269,3 +266,9 @@ class Perceiver(nn.Module):
             features, attentions = self.forward_features(x, return_attention=True)
             return self.forward_head(features), attentions
         return self.forward_head(self.forward_features(x))
+
+
+FAMILY = Family("perceiver", "Perceiver", PerceiverConfig, Perceiver,
+                architecture_fields=("num_latents", "latent_dim", "num_cross_attends", "latent_blocks", "cross_heads",
+                                     "latent_heads", "mlp_ratio", "num_bands", "max_resolution", "share_weights"),
+                capabilities=frozenset({CROSS_ATTENTION}))

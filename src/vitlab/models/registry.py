@@ -11,11 +11,12 @@ from typing import Any
 from torch import nn
 
 from vitlab.errors import VitlabError
-
-from vitlab.models.mixer import MixerConfig, MlpMixer
-from vitlab.models.perceiver import Perceiver, PerceiverConfig
-from vitlab.models.resnet import ResNet, ResNetConfig
-from vitlab.models.vit import ViTConfig, VisionTransformer
+from vitlab.models import mixer, perceiver, resnet, vit
+from vitlab.models.family import Family
+from vitlab.models.mixer import MixerConfig
+from vitlab.models.perceiver import PerceiverConfig
+from vitlab.models.resnet import ResNetConfig
+from vitlab.models.vit import ViTConfig
 
 
 @dataclass(frozen=True)
@@ -27,18 +28,16 @@ class ModelSpec:
     description: str
 
 
-_FAMILIES: dict[str, tuple[type, Callable[[Any], nn.Module]]] = {"vit": (ViTConfig, VisionTransformer),
-                                                               "resnet": (ResNetConfig, ResNet),
-                                                               "mixer": (MixerConfig, MlpMixer),
-                                                               "perceiver": (PerceiverConfig, Perceiver)}
+_FAMILIES: dict[str, Family] = {family.name: family for family in (vit.FAMILY, resnet.FAMILY, mixer.FAMILY,
+                                                                    perceiver.FAMILY)}
 _REGISTRY: dict[str, ModelSpec] = {}
 
 
 def register(name: str, family: str, config: Any, description: str) -> None:
-    config_type, build = _FAMILIES[family]
-    if not isinstance(config, config_type):
-        raise TypeError(f"{name}: config must be a {config_type.__name__}")
-    _REGISTRY[name] = ModelSpec(name, family, config, build, description)
+    declared = _FAMILIES[family]
+    if not isinstance(config, declared.config_type):
+        raise TypeError(f"{name}: config must be a {declared.config_type.__name__}")
+    _REGISTRY[name] = ModelSpec(name, family, config, declared.build, description)
 
 
 def list_models(pattern: str = "") -> list[str]:
@@ -75,15 +74,32 @@ def model_config(name: str, num_classes: int | None = None, img_size: int | tupl
 
 
 def family_of(config: Any) -> str:
-    for family, (config_type, _) in _FAMILIES.items():
-        if isinstance(config, config_type):
-            return family
+    for family in _FAMILIES.values():
+        if isinstance(config, family.config_type):
+            return family.name
     raise TypeError(f"{type(config).__name__} is not a registered model config")
+
+
+def get_family(family: str | Any) -> Family:
+    """The declaration of a family, given by name or by one of its configs."""
+    return _FAMILIES[family if isinstance(family, str) else family_of(family)]
+
+
+def list_families() -> list[Family]:
+    """Every registered family, in registration order."""
+    return list(_FAMILIES.values())
+
+
+def capabilities(model: nn.Module) -> frozenset[str]:
+    """What analyses `model` supports (`vitlab.models.family.CAPABILITIES`); none for a model of no family."""
+    config = getattr(model, "config", None)
+    family = next((family for family in _FAMILIES.values() if isinstance(config, family.config_type)), None)
+    return frozenset() if family is None else family.capabilities
 
 
 def build_model(config: Any) -> nn.Module:
     """A freshly initialised model from any registered family's config."""
-    return _FAMILIES[family_of(config)][1](config)
+    return get_family(config).build(config)
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
@@ -99,7 +115,7 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> Any:
     family = data.pop("family", "vit")
     if family not in _FAMILIES:
         raise VitlabError(f"{source}: unknown model family {family!r}; known: {', '.join(_FAMILIES)}")
-    config_type = _FAMILIES[family][0]
+    config_type = _FAMILIES[family].config_type
     fields = {f.name: f for f in dataclasses.fields(config_type)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
@@ -178,27 +194,3 @@ register("perceiver-mini-28", "perceiver",
                          max_resolution=28),
          "small Perceiver for 28×28 grayscale images: 64×128 latents, 2 cross-attends, 2-block tower")
 
-
-def create_model(name: str, num_classes: int | None = None, img_size: int | tuple[int, int] | None = None,
-                 pretrained: str | None = None, quantize: str | None = None, **overrides: Any) -> nn.Module:
-    """Build a registered model; `pretrained` names a published checkpoint from `vitlab.weights.hub`.
-
-    With `pretrained`, the weights are downloaded once into the cache, verified, resampled to `img_size` and,
-    when `num_classes` differs from the checkpoint's, given a new zero-initialised head. `quantize="int8"` returns
-    an inference-only model with int8 dense layers (`vitlab.models.quantize`; needs onnxruntime).
-    """
-    if quantize is not None:
-        from vitlab.models.quantize import check_quantize_mode
-
-        check_quantize_mode(quantize)
-    config = model_config(name, num_classes=num_classes, img_size=img_size, **overrides)
-    model = build_model(config)
-    if pretrained is not None:
-        from vitlab.weights.hub import load_pretrained
-
-        load_pretrained(model, name, pretrained)
-    if quantize is not None:
-        from vitlab.models.quantize import quantize_model
-
-        return quantize_model(model, quantize)
-    return model

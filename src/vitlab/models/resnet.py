@@ -19,8 +19,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vitlab.errors import VitlabError
-from vitlab.models.checks import require_class_count, require_positive_int, require_probability
-from vitlab.models.layers import DropPath, to_2tuple
+from vitlab.models import checks
+from vitlab.models.family import Family
+from vitlab.models.layers import DropPath
 
 STEMS = ("fixed", "same", "small")
 NUM_GROUPS = 32  # GroupNorm groups everywhere, as BiT
@@ -49,22 +50,16 @@ class ResNetConfig:
     drop_path: float = 0.0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "img_size", to_2tuple(self.img_size))
-        if isinstance(self.layers, list):
-            object.__setattr__(self, "layers", tuple(self.layers))
-        if not isinstance(self.layers, tuple) or not self.layers:
-            raise VitlabError(f"layers must be a non-empty tuple of block counts, got {self.layers!r}")
-        for name, value in [("in_chans", self.in_chans), ("width", self.width), ("img_size", self.img_size[0]),
-                            ("img_size", self.img_size[1])] + [("layers", depth) for depth in self.layers]:
-            require_positive_int(name, value)
-        require_class_count(self.num_classes)
-        require_probability("drop_path", self.drop_path)
+        object.__setattr__(self, "layers", checks.block_counts("layers", self.layers))
+        object.__setattr__(self, "img_size", checks.image_size(self.img_size))
+        for name in ("in_chans", "width"):
+            checks.require_positive_int(name, getattr(self, name))
+        checks.require_class_count(self.num_classes)
+        checks.require_probability("drop_path", self.drop_path)
         if self.width % NUM_GROUPS:
             raise VitlabError(f"width must be a multiple of {NUM_GROUPS} (GroupNorm's groups), got {self.width}")
-        if self.stem not in STEMS:
-            raise VitlabError(f"stem must be one of {STEMS}, got {self.stem!r}")
-        if not isinstance(self.preact, bool):
-            raise VitlabError(f"preact must be true or false, got {self.preact!r}")
+        checks.require_choice("stem", self.stem, STEMS)
+        checks.require_bool("preact", self.preact)
 
     @property
     def stride(self) -> int:
@@ -303,3 +298,6 @@ class ResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+FAMILY = Family("resnet", "ResNet", ResNetConfig, ResNet, architecture_fields=("layers", "width", "stem", "preact"))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from dataclasses import dataclass
 
 import torch
@@ -16,9 +15,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vitlab.errors import VitlabError
+from vitlab.models import checks
+from vitlab.models.family import ATTENTION, Family
 from vitlab.models.layers import (RESAMPLE_MODES, Attention, DropPath, Mlp, lecun_normal_,
-                                  resample_position_embedding, sincos_2d_position_embedding, to_2tuple,
-                                  zero_head)
+                                  resample_position_embedding, sincos_2d_position_embedding, zero_head)
 from vitlab.models.resnet import ResNet, ResNetConfig
 
 POOLS = ("token", "gap")
@@ -52,41 +52,22 @@ class ViTConfig:
     hybrid_layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "img_size", to_2tuple(self.img_size))
-        if isinstance(self.hybrid_layers, list):
-            object.__setattr__(self, "hybrid_layers", tuple(self.hybrid_layers))
-        if self.hybrid_layers is not None and (not isinstance(self.hybrid_layers, tuple) or not self.hybrid_layers):
-            raise VitlabError(f"hybrid_layers must be None or a non-empty tuple of block counts, "
-                              f"got {self.hybrid_layers!r}")
-        sizes = [("patch_size", self.patch_size), ("in_chans", self.in_chans), ("embed_dim", self.embed_dim),
-                 ("depth", self.depth), ("num_heads", self.num_heads), ("mlp_dim", self.mlp_dim),
-                 ("img_size", self.img_size[0]), ("img_size", self.img_size[1]),
-                 ("representation_size", self.representation_size or 1)]
-        sizes += [("hybrid_layers", blocks) for blocks in self.hybrid_layers or ()]
-        for name, value in sizes:
-            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-                raise VitlabError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.num_classes, numbers.Integral) or isinstance(self.num_classes, bool) \
-                or self.num_classes < 0:
-            raise VitlabError(f"num_classes must be a non-negative integer, got {self.num_classes!r}")
-        if self.embed_dim % self.num_heads:
-            raise VitlabError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        object.__setattr__(self, "hybrid_layers",
+                           checks.block_counts("hybrid_layers", self.hybrid_layers, optional=True))
+        object.__setattr__(self, "img_size", checks.image_size(self.img_size))
+        for name in ("patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_dim"):
+            checks.require_positive_int(name, getattr(self, name))
+        checks.require_positive_int("representation_size", self.representation_size or 1)  # 0 or None: no layer
+        checks.require_class_count(self.num_classes)
+        checks.require_divisible("embed_dim", self.embed_dim, "num_heads", self.num_heads)
         for name in ("dropout", "attn_dropout", "drop_path", "patch_dropout"):
-            value = getattr(self, name)
-            if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
-                raise VitlabError(f"{name} must be a probability in [0, 1], got {value!r}")
-        if not isinstance(self.layer_norm_eps, numbers.Real) or not 0.0 < self.layer_norm_eps < math.inf:
-            raise VitlabError(f"layer_norm_eps must be a positive number, got {self.layer_norm_eps!r}")
-        if self.pool not in POOLS:
-            raise VitlabError(f"pool must be one of {POOLS}, got {self.pool!r}")
-        if self.posemb not in POSEMBS:
-            raise VitlabError(f"posemb must be one of {POSEMBS}, got {self.posemb!r}")
-        if self.posemb_resample not in RESAMPLE_MODES:
-            raise VitlabError(f"posemb_resample must be one of {RESAMPLE_MODES}, got {self.posemb_resample!r}")
-        for side in self.img_size:
-            if side % self.stride:
-                by = "patch_size" if self.hybrid_layers is None else "the hybrid's stride"
-                raise VitlabError(f"img_size {self.img_size} is not divisible by {by} {self.stride}")
+            checks.require_probability(name, getattr(self, name))
+        checks.require_positive_number("layer_norm_eps", self.layer_norm_eps)
+        checks.require_choice("pool", self.pool, POOLS)
+        checks.require_choice("posemb", self.posemb, POSEMBS)
+        checks.require_choice("posemb_resample", self.posemb_resample, RESAMPLE_MODES)
+        checks.require_grid(self.img_size, self.stride, "patch_size" if self.hybrid_layers is None
+                            else "the hybrid's stride")
 
     @property
     def backbone(self) -> ResNetConfig | None:
@@ -334,3 +315,8 @@ class VisionTransformer(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         return {"cls_token", "pos_embed"}
+
+
+FAMILY = Family("vit", "ViT", ViTConfig, VisionTransformer,
+                architecture_fields=("patch_size", "embed_dim", "depth", "num_heads", "mlp_dim", "hybrid_layers"),
+                capabilities=frozenset({ATTENTION}))

@@ -22,7 +22,7 @@ from vitlab.data import AugmentConfig, EvalTransform, ImageTensors, TrainTransfo
 from vitlab.data.shards import ShardSet, is_shard_dataset, load_shard_split, stream_batches
 from vitlab.errors import TrainingDiverged, VitlabError
 from vitlab.eval.metrics import evaluate
-from vitlab.models.registry import config_to_dict, create_model, model_config
+from vitlab.models.registry import build_model, config_to_dict, model_config
 from vitlab.train import checkpoint as ckpt
 from vitlab.train import distributed
 from vitlab.train.config import TrainConfig, config_from_json, config_to_json
@@ -104,7 +104,8 @@ class Trainer:
         if config.init_from is None:
             overrides = dict(config.model_overrides)
             overrides.setdefault("in_chans", in_chans)
-            return create_model(config.model, num_classes=num_classes, img_size=config.img_size, **overrides)
+            return build_model(model_config(config.model, num_classes=num_classes, img_size=config.img_size,
+                                            **overrides))
         from vitlab.weights import load_model
 
         source = load_model(config.init_from)
@@ -113,7 +114,7 @@ class Trainer:
         if config.img_size is not None:
             changes["img_size"] = config.img_size
         if changes:
-            from vitlab.models.registry import apply_overrides, build_model
+            from vitlab.models.registry import apply_overrides
 
             model = build_model(apply_overrides(model_cfg, changes))
             state, target = _resampled_state(source, model), model.state_dict()

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from vitlab.errors import VitlabError
 from vitlab.models.layers import resample_position_embedding
 from vitlab.models.mixer import MixerConfig
 from vitlab.models.registry import (apply_overrides, build_model, config_from_dict, config_to_dict, family_of,
-                                    model_config)
+                                    get_family, model_config)
 from vitlab.models.resnet import ResNetConfig
 from vitlab.models.vit import ViTConfig
 from vitlab.weights import hf, mixer, npz, resnet, timm
@@ -39,12 +40,6 @@ RUN_FILES = ("best.safetensors", "last.safetensors")
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 # What `load_model(path, model_name)` takes from the file rather than from the named model.
 _FILE_FIELDS_WITH_NAME = ("num_classes", "img_size", "representation_size", "pool", "qkv_bias")
-# What must agree, per family, between a file that records its config and a model name given with it.
-_ARCHITECTURE_FIELDS = {"vit": ("patch_size", "embed_dim", "depth", "num_heads", "mlp_dim", "hybrid_layers"),
-                        "resnet": ("layers", "width", "stem", "preact"),
-                        "mixer": ("patch_size", "embed_dim", "depth", "tokens_mlp_dim", "channels_mlp_dim"),
-                        "perceiver": ("num_latents", "latent_dim", "num_cross_attends", "latent_blocks", "cross_heads",
-                                      "latent_heads", "mlp_ratio", "num_bands", "max_resolution", "share_weights")}
 # Head weights: a linear head, and the ResNet's 1×1-convolution head (timm's and BiT's).
 _HEAD_WEIGHTS = ("head.weight", "head.fc.weight")
 
@@ -351,7 +346,7 @@ def _check_named(config: Any, model_name: str, path: Path, family: str) -> None:
     if config is None:
         return
     differ = [f"{field} {getattr(config, field, None)} (file) vs {getattr(named, field, None)}"
-              for field in _ARCHITECTURE_FIELDS.get(family, ())
+              for field in get_family(family).architecture_fields
               if getattr(config, field, None) != getattr(named, field, None)]
     if differ:
         raise VitlabError(f"{path} does not hold a {model_name}: {', '.join(differ)}")
@@ -395,20 +390,30 @@ def save_weights(model: nn.Module, path: str | os.PathLike[str], format: str = "
     if format == "vitlab":
         write_safetensors(path, state, {CONFIG_METADATA_KEY: json.dumps(config_to_dict(config))})
         return path
-    if isinstance(config, (ResNetConfig, MixerConfig)) and format != "hf":
-        if format == "timm":  # vitlab's ResNet and Mixer keys are timm's
-            write_safetensors(path, state, {"format": "pt"})
-        else:
-            to_arrays = resnet.bit_from_state_dict if isinstance(config, ResNetConfig) else mixer.from_state_dict
-            npz.write_npz(path, to_arrays(state, config))
-        return path
-    if not isinstance(config, ViTConfig):
-        raise VitlabError(f"{format} weights exist only for ViT models, not {type(config).__name__}")
-    if format == "timm":
-        write_safetensors(path, timm.from_state_dict(state, config), {"format": "pt"})
-    elif format == "npz":
-        npz.write_npz(path, npz.from_state_dict(state, config))
-    else:
-        hf.write_directory(path, state, config)
+    writer = _WRITERS.get(family_of(config), {}).get(format)
+    if writer is None:
+        families = [get_family(family).label for family, writers in _WRITERS.items() if format in writers]
+        raise VitlabError(f"{format} weights exist only for {', '.join(families)} models, "
+                          f"not {type(config).__name__}")
+    writer(path, state, config)
     return path
+
+
+def _write_timm_keys(path: Path, state: dict[str, torch.Tensor], config: Any) -> None:
+    """vitlab's ResNet and Mixer keys are timm's."""
+    write_safetensors(path, state, {"format": "pt"})
+
+
+# How each family's weights are written in each foreign format (every family writes vitlab files): a family's
+# checkpoint mapping, with its reading counterpart in `read_weights`.
+_WRITERS: dict[str, dict[str, Callable[[Path, dict[str, torch.Tensor], Any], None]]] = {
+    "vit": {"timm": lambda path, state, config: write_safetensors(path, timm.from_state_dict(state, config),
+                                                                 {"format": "pt"}),
+            "npz": lambda path, state, config: npz.write_npz(path, npz.from_state_dict(state, config)),
+            "hf": hf.write_directory},
+    "resnet": {"timm": _write_timm_keys,
+               "npz": lambda path, state, config: npz.write_npz(path, resnet.bit_from_state_dict(state, config))},
+    "mixer": {"timm": _write_timm_keys,
+              "npz": lambda path, state, config: npz.write_npz(path, mixer.from_state_dict(state, config))},
+}
 

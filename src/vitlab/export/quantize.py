@@ -20,7 +20,7 @@ from torch import nn
 
 from vitlab.atomic import atomic_path
 from vitlab.errors import VitlabError
-from vitlab.export import INPUT_NAME, export_onnx, require_onnxruntime, writable_path
+from vitlab.export.onnx import INPUT_NAME, export_onnx, require_onnxruntime, writable_path
 
 QUANTIZE_MODES = ("int8",)
 
