@@ -1,4 +1,4 @@
-"""`vitlab models`: list the registry with parameter counts."""
+"""`vitlab models`: list the registry with parameter counts, as plain text or as the README's markdown table."""
 
 from __future__ import annotations
 
@@ -7,24 +7,45 @@ import argparse
 import torch
 
 from vitlab.errors import VitlabError
-from vitlab.models.registry import build_model, get_spec, list_models, model_config
+from vitlab.models.registry import ModelSpec, build_model, get_spec, list_models, model_config
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("models", help="list the models vitlab can build")
     parser.add_argument("pattern", nargs="?", default="", help="only names containing this")
     parser.add_argument("--num-classes", type=int, default=None, help="head size for the counts")
+    parser.add_argument("--markdown", action="store_true",
+                        help="print a markdown table (name, family, parameters, image size, description)")
     parser.set_defaults(run=run)
+
+
+def parameter_count(name: str, num_classes: int | None = None) -> int:
+    """Exact parameter count of a registered model, built on the meta device so no weights are allocated."""
+    with torch.device("meta"):
+        model = build_model(model_config(name, num_classes=num_classes))
+    return sum(p.numel() for p in model.parameters())
+
+
+def _markdown_row(spec: ModelSpec, count: int) -> str:
+    height, width = spec.config.img_size
+    description = spec.description.replace("|", "\\|")
+    return f"| `{spec.name}` | {spec.family} | {count:,} | {height}×{width} | {description} |"
+
+
+def markdown_table(names: list[str], num_classes: int | None = None) -> str:
+    """The registry as a markdown table; README.md holds its output between `<!-- models:... -->` markers."""
+    header = ["| name | family | parameters | image size | description |", "|---|---|---:|---|---|"]
+    rows = [_markdown_row(get_spec(name), parameter_count(name, num_classes)) for name in names]
+    return "\n".join(header + rows)
 
 
 def run(args: argparse.Namespace) -> int:
     names = list_models(args.pattern)
     if not names:
         raise VitlabError(f"no model name contains {args.pattern!r}; `vitlab models` lists them all")
+    if args.markdown:
+        print(markdown_table(names, args.num_classes))
+        return 0
     for name in names:
-        with torch.device("meta"):  # count parameters without allocating the weights
-            model = build_model(model_config(name, num_classes=args.num_classes))
-        count = sum(p.numel() for p in model.parameters())
-        spec = get_spec(name)
-        print(f"{name:<18} {count:>13,}  {spec.description}")
+        print(f"{name:<18} {parameter_count(name, args.num_classes):>13,}  {get_spec(name).description}")
     return 0
