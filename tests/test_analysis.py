@@ -10,9 +10,14 @@ import torch
 
 import vitlab
 from vitlab import VitlabError
-from vitlab.analysis import (attention_maps, attention_rollout, mean_attention_distance, patch_embedding_components,
-                             position_embedding_similarity, rollout_matrix)
-
+from vitlab.analysis import (
+    attention_maps,
+    attention_rollout,
+    mean_attention_distance,
+    patch_embedding_components,
+    position_embedding_similarity,
+    rollout_matrix,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -95,7 +100,7 @@ def test_explicit_attention_equals_softmax_recomputed_from_qkv_weights():
     for hook in hooks:
         hook.remove()
     heads, head_dim = model.config.num_heads, model.config.embed_dim // model.config.num_heads
-    for layer, (block, x) in enumerate(zip(model.blocks, inputs)):
+    for layer, (block, x) in enumerate(zip(model.blocks, inputs, strict=True)):
         batch, tokens, dim = x.shape
         h = torch.nn.functional.layer_norm(x, (dim,), block.norm1.weight, block.norm1.bias, block.norm1.eps)
         qkv = h @ block.attn.qkv.weight.T + block.attn.qkv.bias

@@ -8,13 +8,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from matplotlib.image import imread
 from PIL import Image
+from matplotlib.image import imread
 
 import vitlab
 from vitlab import cli
-from vitlab.analysis import (attention_maps, attention_rollout, mean_attention_distance, patch_embedding_components,
-                             position_embedding_similarity, plots)
+from vitlab.analysis import (
+    attention_maps,
+    attention_rollout,
+    mean_attention_distance,
+    patch_embedding_components,
+    plots,
+    position_embedding_similarity,
+)
 from vitlab.analysis.attention import class_token_attention
 from vitlab.commands import analyze
 from vitlab.data import read_idx

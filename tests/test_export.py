@@ -11,13 +11,12 @@ import pytest
 import torch
 
 import vitlab
+from helpers import one_error_line, random_model
 from vitlab.cli import main
 from vitlab.data.datasets import load_dataset
 from vitlab.export import INPUT_NAME, export_onnx
 from vitlab.models.quantize import OnnxRuntimeModel, quantize_model
 from vitlab.models.vit import ViTConfig, VisionTransformer
-
-from helpers import one_error_line, random_model
 
 
 @pytest.fixture(scope="module")

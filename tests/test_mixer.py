@@ -16,8 +16,8 @@ from vitlab.models.mixer import MixerConfig, MlpMixer
 from vitlab.models.registry import config_from_dict, config_to_dict, create_model, list_models
 from vitlab.train.config import TrainConfig
 from vitlab.train.loop import Trainer
-from vitlab.weights import mixer as mixer_weights
 from vitlab.weights import load_model, load_weights, npz, save_weights
+from vitlab.weights import mixer as mixer_weights
 
 # Parameter counts with the 1000-class head; each equals timm's `mixer_*_224`. Without the head they are the
 # paper's Table 1 sizes: S/16 18.0M, S/32 18.6M, B/16 59.1M, B/32 59.5M, L/16 207.2M, L/32 205.9M.
@@ -176,7 +176,7 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
         model.set_grad_checkpointing(enable)
         model(images).sum().backward()
         grads.append([p.grad.clone() for p in model.parameters()])
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads, strict=True))
 
 
 def test_trains_with_the_trainer(tmp_path: Path) -> None:

@@ -9,10 +9,9 @@ import torch
 import torch.nn.functional as F
 
 import vitlab
+from helpers import TINY_VIT, random_model
 from vitlab.errors import VitlabError
 from vitlab.models.layers import Attention, resample_position_embedding, sincos_2d_position_embedding
-
-from helpers import TINY_VIT, random_model
 
 # The official repo's models_test.py and timm give these counts at 224 px with a 1000-class head.
 PAPER_COUNTS = {
@@ -195,7 +194,7 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
         model.set_grad_checkpointing(enable)
         model(x).square().sum().backward()
         grads.append([p.grad.clone() for p in model.parameters()])
-    for plain, recomputed in zip(*grads):
+    for plain, recomputed in zip(*grads, strict=True):
         torch.testing.assert_close(plain, recomputed, rtol=1e-5, atol=1e-6)
 
 

@@ -116,7 +116,7 @@ def test_shared_cross_attend_reuses_its_weights() -> None:
     model.zero_grad()
     model.set_grad_checkpointing()
     model(images).sum().backward()
-    assert all(torch.allclose(p.grad, g, atol=1e-6) for p, g in zip(model.parameters(), grads))
+    assert all(torch.allclose(p.grad, g, atol=1e-6) for p, g in zip(model.parameters(), grads, strict=True))
     unshared = random_perceiver(dataclasses.replace(TINY, share_weights=False))
     assert len(unshared.cross_attends) == 3 and len(unshared.towers) == 3
 
