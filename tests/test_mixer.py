@@ -11,6 +11,7 @@ import pytest
 import timm
 import torch
 
+from helpers import count
 from vitlab.errors import VitlabError
 from vitlab.models.mixer import MixerConfig, MlpMixer
 from vitlab.models.registry import config_from_dict, config_to_dict, create_model, list_models
@@ -32,10 +33,6 @@ PAPER_COUNTS = {
 MINI_COUNT = 835_376
 TINY = MixerConfig(img_size=(16, 16), patch_size=4, in_chans=3, num_classes=7, embed_dim=24, depth=2,
                    tokens_mlp_dim=12, channels_mlp_dim=96)
-
-
-def count(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def random_mixer(config: MixerConfig = TINY, seed: int = 0) -> MlpMixer:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import one_error_line
+from helpers import count, one_error_line
 from vitlab.analysis import cross_attention_maps
 from vitlab.cli import main
 from vitlab.commands.analyze import load_images
@@ -32,10 +32,6 @@ MINI_COUNT = 723_660
 TINY = PerceiverConfig(img_size=(12, 12), in_chans=3, num_classes=5, num_latents=8, latent_dim=32,
                        num_cross_attends=3, latent_blocks=2, latent_heads=4, mlp_ratio=2.0, num_bands=6,
                        max_resolution=12)
-
-
-def count(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def random_perceiver(config: PerceiverConfig = TINY, seed: int = 0) -> Perceiver:
