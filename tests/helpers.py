@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import sys
+from collections.abc import Container, Iterable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -49,6 +50,11 @@ def randomised(model: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torch
             else:
                 parameter.normal_(0.0, std)
     return model.eval()
+
+
+def slow_when(values: Iterable[Any], slow: Container[Any]) -> list[Any]:
+    """`values` for `pytest.mark.parametrize`, those in `slow` marked `slow` (left out by `make test-fast`)."""
+    return [pytest.param(value, marks=pytest.mark.slow) if value in slow else value for value in values]
 
 
 def one_error_line(capsys: pytest.CaptureFixture[str], *needles: str) -> str:

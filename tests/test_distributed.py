@@ -108,6 +108,7 @@ def assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo backend")
+@pytest.mark.slow
 def test_two_processes_equal_one_process_and_resume_across_process_counts(tmp_path: Path) -> None:
     with recording_batches([]) as one_batches:
         one = run(digits_config(tmp_path / "one"))
@@ -169,6 +170,7 @@ def shard_keys(urls: list[str]) -> list[tuple[str, str]]:
     return keys
 
 
+@pytest.mark.slow
 def test_shards_are_read_exactly_once_per_epoch_across_ranks_and_workers(tmp_path: Path, capsys) -> None:
     out = tmp_path / "shards"
     assert main(["data", "shard", "digits", str(out), "--shard-size", "100"]) == 0
@@ -210,6 +212,7 @@ def test_shards_are_read_exactly_once_per_epoch_across_ranks_and_workers(tmp_pat
     assert endless[:100] != head(1, 100)
 
 
+@pytest.mark.slow
 def test_training_streams_shards(tmp_path: Path) -> None:
     out = tmp_path / "shards"
     assert main(["data", "shard", "digits", str(out), "--shard-size", "200"]) == 0

@@ -71,6 +71,7 @@ def digits_model(one_thread: None) -> tuple[VisionTransformer, torch.Tensor, tor
     return model.eval(), images, labels
 
 
+@pytest.mark.slow
 def test_int8_agrees_with_fp32(ort: ModuleType, digits_model: tuple[VisionTransformer, torch.Tensor, torch.Tensor]
                                ) -> None:
     model, images, labels = digits_model
@@ -103,6 +104,7 @@ def test_bad_quantize_values(monkeypatch: pytest.MonkeyPatch) -> None:
         vitlab.create_model("vit-ti16", num_classes=3, img_size=32, depth=1, quantize="int8")
 
 
+@pytest.mark.slow
 def test_export_command(ort: ModuleType, digits_model: tuple[VisionTransformer, torch.Tensor, torch.Tensor],
                         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     model, images, _ = digits_model

@@ -176,6 +176,7 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads, strict=True))
 
 
+@pytest.mark.slow
 def test_trains_with_the_trainer(tmp_path: Path) -> None:
     config = TrainConfig(model="mixer-mini-p4-28", dataset="digits", img_size=8, epochs=2, batch_size=64, lr=3e-3,
                          weight_decay=0.05, warmup_steps=5, out=str(tmp_path), progress=False, eval_every_epochs=1.0,

@@ -149,6 +149,7 @@ def test_saved_weights_reload_with_equal_logits(tmp_path: Path) -> None:
     assert model.forward_head(model.forward_features(images), pre_logits=True).shape == (2, 32)
 
 
+@pytest.mark.slow
 def test_trains_with_the_trainer(tmp_path: Path) -> None:
     # 16 latents instead of 64 keep the run to a few seconds on one thread
     config = TrainConfig(model="perceiver-mini-28", model_overrides={"num_latents": 16}, dataset="digits", img_size=8,
