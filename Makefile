@@ -1,10 +1,10 @@
-# `make demo`, `make test` and `make bench` each set up what they need on a fresh machine, then run.
+# `make demo`, `make lint`, `make test` and `make bench` each set up what they need on a fresh machine, then run.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data demo test bench clean
+.PHONY: setup data demo lint test test-fast bench clean
 
 # The demo needs vitlab's runtime dependencies only; the tests and benchmarks add the `dev` extra (timm,
 # transformers, ...), which the demo would otherwise spend minutes installing.
@@ -29,8 +29,15 @@ data:
 demo: $(VENV)/.runtime data
 	$(PY) -m vitlab demo --out runs/demo
 
+lint: setup
+	$(PY) -m ruff check src tests benchmarks
+
 test: setup data
 	$(PY) -m pytest -q
+
+# Skips the tests marked `slow` (training runs, subprocesses, large models) for a quick check while editing.
+test-fast: setup data
+	$(PY) -m pytest -q -m "not slow"
 
 # Throughput against timm and Hugging Face on identical weights, about 6 minutes on 2 idle cores;
 # prints a markdown table and writes JSON to benchmarks/results/.

@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from vitlab.export import quantize_model
 from vitlab import create_model
+from vitlab.export import quantize_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark's timer
 from throughput import interleaved_rates  # noqa: E402

@@ -239,7 +239,7 @@ def run(kills: int = 20, every: int = 5, epochs: int = 6, seed: int = 0, workdir
             # a random step within the next ~1.5 checkpoint intervals, then a random moment of the next two steps'
             # time (in a step, an evaluation or a save): progress per kill does not depend on the machine's speed
             target = min(start + rng.randint(2, max(2, round(1.5 * every))), total)
-            segment.wait_for(lambda counts: counts[-1] >= target, 120)
+            segment.wait_for(lambda counts, target=target: counts[-1] >= target, 120)
             first = segment.counts.index(start + 1) if start + 1 in segment.counts else 0
             steps = segment.counts[-1] - segment.counts[first]
             step_time = (segment.times[-1] - segment.times[first]) / steps if steps > 0 else 0.05
@@ -248,12 +248,12 @@ def run(kills: int = 20, every: int = 5, epochs: int = 6, seed: int = 0, workdir
             # a checkpoint step (K-multiple or end of epoch) at least one step ahead, then 0-30 ms into the save
             boundary = [s for s in range(start + 1, total + 1) if s % every == 0 or s % STEPS_PER_EPOCH == 0]
             target = boundary[min(rng.randrange(2), len(boundary) - 1)]
-            segment.wait_for(lambda counts: counts[-1] >= target, 120)
+            segment.wait_for(lambda counts, target=target: counts[-1] >= target, 120)
             time.sleep(rng.uniform(0.0, 0.03))
         else:
             # 1 to K steps, then poll for a checkpoint write in progress: a staging or temporary file written now
-            ahead = rng.randint(1, every)
-            segment.wait_for(lambda counts: counts[-1] >= min(start + ahead, total), 120)
+            until = min(start + rng.randint(1, every), total)
+            segment.wait_for(lambda counts, until=until: counts[-1] >= until, 120)
             deadline = time.monotonic() + 60
             while segment.process.poll() is None and time.monotonic() < deadline:
                 if _temporaries(out, since=segment_began):

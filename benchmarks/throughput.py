@@ -53,7 +53,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from vitlab.allocator import keep_freed_memory
 from vitlab.models.layers import sincos_2d_position_embedding
 from vitlab.models.registry import model_config
-from vitlab.models.vit import VisionTransformer, ViTConfig
+from vitlab.models.vit import ViTConfig, VisionTransformer
 from vitlab.train.config import recipe_config
 
 DEFAULT_THREADS = 2

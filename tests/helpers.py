@@ -2,30 +2,41 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import sys
+from collections.abc import Container, Iterable
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 import torch
 
+import vitlab
 from vitlab.models.vit import ViTConfig, VisionTransformer
 
 TINY_VIT = ViTConfig(img_size=(32, 32), patch_size=8, embed_dim=32, depth=2, num_heads=4, mlp_dim=64, num_classes=5)
 
 
-def random_model(config: ViTConfig = TINY_VIT, seed: int = 0) -> VisionTransformer:
+def random_model(config: ViTConfig = TINY_VIT, seed: int = 0, **overrides: Any) -> VisionTransformer:
     """A model with every parameter random, including the zero-initialised head and class token."""
     torch.manual_seed(seed)
-    model = VisionTransformer(config).eval()
+    model = VisionTransformer(dataclasses.replace(config, **overrides)).eval()
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.normal_(0.0, 0.2)
     return model
 
 
+def tiny_vit(name: str = "vit-mini-p7-28", depth: int = 2, **overrides: Any) -> torch.nn.Module:
+    """A registered small ViT cut to `depth` blocks, seeded and in eval mode, for tests of what runs on top of it."""
+    torch.manual_seed(0)
+    return vitlab.create_model(name, depth=depth, **overrides).eval()
+
+
 def count(model: torch.nn.Module) -> int:
+    """The number of parameters (works on the meta device)."""
     return sum(p.numel() for p in model.parameters())
 
 
@@ -39,6 +50,11 @@ def randomised(model: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torch
             else:
                 parameter.normal_(0.0, std)
     return model.eval()
+
+
+def slow_when(values: Iterable[Any], slow: Container[Any]) -> list[Any]:
+    """`values` for `pytest.mark.parametrize`, those in `slow` marked `slow` (left out by `make test-fast`)."""
+    return [pytest.param(value, marks=pytest.mark.slow) if value in slow else value for value in values]
 
 
 def one_error_line(capsys: pytest.CaptureFixture[str], *needles: str) -> str:

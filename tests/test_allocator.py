@@ -35,6 +35,7 @@ def _faults(mode: str) -> int:
     return int(done.stdout.split()[-1])
 
 
+@pytest.mark.slow
 def test_freed_blocks_are_reused_without_page_faults() -> None:
     pages = 20 * 4 * (16 << 20) // 4096
     assert _faults("mmap") > pages // 2  # the count sees blocks handed back and faulted in again

@@ -8,19 +8,18 @@ import math
 import pytest
 import torch
 
-import vitlab
+from helpers import tiny_vit
 from vitlab import VitlabError
-from vitlab.analysis import (attention_maps, attention_rollout, mean_attention_distance, patch_embedding_components,
-                             position_embedding_similarity, rollout_matrix)
-
+from vitlab.analysis import (
+    attention_maps,
+    attention_rollout,
+    mean_attention_distance,
+    patch_embedding_components,
+    position_embedding_similarity,
+    rollout_matrix,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tiny(name: str = "vit-mini-p7-28", **overrides) -> torch.nn.Module:
-    torch.manual_seed(0)
-    overrides.setdefault("depth", 2)
-    return vitlab.create_model(name, **overrides).eval()
 
 
 def images(batch: int = 2, height: int = 28, width: int = 28, channels: int = 1) -> torch.Tensor:
@@ -77,7 +76,7 @@ def mean_pairwise_distance(grid: tuple[int, int], patch: int) -> float:
 
 
 def test_attention_maps_shape_eval_mode_and_restores_training():
-    model = tiny(attn_dropout=0.5).train()
+    model = tiny_vit(attn_dropout=0.5).train()
     x = images(3)
     maps = attention_maps(model, x)
     assert maps.shape == (2, 3, 4, 17, 17)  # (L, B, H, T, T): 4x4 grid + class token
@@ -88,14 +87,14 @@ def test_attention_maps_shape_eval_mode_and_restores_training():
 
 
 def test_explicit_attention_equals_softmax_recomputed_from_qkv_weights():
-    model = tiny("vit-mini-p4-28", depth=3)
+    model = tiny_vit("vit-mini-p4-28", depth=3)
     inputs = []
     hooks = [block.register_forward_pre_hook(lambda module, args: inputs.append(args[0])) for block in model.blocks]
     maps = attention_maps(model, images(2))
     for hook in hooks:
         hook.remove()
     heads, head_dim = model.config.num_heads, model.config.embed_dim // model.config.num_heads
-    for layer, (block, x) in enumerate(zip(model.blocks, inputs)):
+    for layer, (block, x) in enumerate(zip(model.blocks, inputs, strict=True)):
         batch, tokens, dim = x.shape
         h = torch.nn.functional.layer_norm(x, (dim,), block.norm1.weight, block.norm1.bias, block.norm1.eps)
         qkv = h @ block.attn.qkv.weight.T + block.attn.qkv.bias
@@ -106,7 +105,7 @@ def test_explicit_attention_equals_softmax_recomputed_from_qkv_weights():
 
 def test_attention_maps_rejects_wrong_channels():
     with pytest.raises(VitlabError, match="channels"):
-        attention_maps(tiny(), images(channels=3))
+        attention_maps(tiny_vit(), images(channels=3))
 
 
 # --- rollout ------------------------------------------------------------------------------------------------------
@@ -116,7 +115,7 @@ def test_attention_maps_rejects_wrong_channels():
 def test_rollout_of_self_attention_is_identity_and_class_map_is_zero(discard_ratio):
     # Fused attention I, so each layer is (I + I) / 2 = I and the rollout is I: the class token's row keeps all
     # of its mass on itself and gives exactly nothing to the patches.
-    model = make_self_attending(tiny())
+    model = make_self_attending(tiny_vit())
     assert torch.equal(attention_maps(model, images()), torch.eye(17).expand(2, 2, 4, 17, 17))
     heatmap, matrix = attention_rollout(model, images(), discard_ratio=discard_ratio, return_matrix=True)
     assert torch.equal(matrix, torch.eye(17).expand(2, 17, 17))
@@ -125,7 +124,7 @@ def test_rollout_of_self_attention_is_identity_and_class_map_is_zero(discard_rat
 
 def test_rollout_of_self_attention_without_class_token_is_uniform():
     # GAP: no prefix token, the map is the mean row of I, i.e. exactly 1/N on every patch.
-    model = make_self_attending(tiny(pool="gap"))
+    model = make_self_attending(tiny_vit(pool="gap"))
     assert model.num_prefix_tokens == 0
     heatmap = attention_rollout(model, images())
     assert torch.equal(heatmap, torch.full((2, 4, 4), 1.0 / 16))
@@ -134,7 +133,7 @@ def test_rollout_of_self_attention_without_class_token_is_uniform():
 @pytest.mark.parametrize("head_fusion", ["mean", "max", "min"])
 @pytest.mark.parametrize("discard_ratio", [0.0, 0.3, 0.9])
 def test_rollout_rows_stay_stochastic(head_fusion, discard_ratio):
-    model = tiny("vit-mini-p4-28", depth=3)
+    model = tiny_vit("vit-mini-p4-28", depth=3)
     heatmap, matrix = attention_rollout(model, images(2), head_fusion, discard_ratio, return_matrix=True)
     assert matrix.shape == (2, 50, 50) and heatmap.shape == (2, 7, 7)
     assert (matrix >= 0).all()
@@ -145,7 +144,7 @@ def test_rollout_rows_stay_stochastic(head_fusion, discard_ratio):
 
 
 def test_rollout_matches_naive_product_of_half_attention_plus_half_identity():
-    model = tiny("vit-mini-p4-28", depth=3)
+    model = tiny_vit("vit-mini-p4-28", depth=3)
     maps = attention_maps(model, images(2)).double()
     expected = torch.eye(50, dtype=torch.float64).expand(2, 50, 50)
     for layer in maps:
@@ -171,14 +170,14 @@ def test_rollout_discards_the_lowest_weights_but_never_the_class_tokens_own():
 
 
 def test_rollout_on_rectangular_grid():
-    model = tiny("vit-mini-p4-28")
+    model = tiny_vit("vit-mini-p4-28")
     heatmap, matrix = attention_rollout(model, images(2, 28, 20), return_matrix=True)
     assert heatmap.shape == (2, 7, 5)
     assert torch.equal(heatmap.flatten(1), matrix[:, 0, 1:])
 
 
 def test_rollout_rejects_bad_arguments():
-    model = tiny()
+    model = tiny_vit()
     with pytest.raises(VitlabError, match="head_fusion"):
         attention_rollout(model, images(), head_fusion="median")
     with pytest.raises(VitlabError, match="discard_ratio"):
@@ -190,7 +189,7 @@ def test_rollout_rejects_bad_arguments():
 
 @pytest.mark.parametrize("pool", ["token", "gap"])
 def test_attention_distance_of_self_attention_is_zero(pool):
-    model = make_self_attending(tiny(pool=pool))
+    model = make_self_attending(tiny_vit(pool=pool))
     distance = mean_attention_distance(model, images(3))
     assert distance.shape == (2, 4)
     assert torch.equal(distance, torch.zeros(2, 4))
@@ -200,14 +199,14 @@ def test_attention_distance_of_self_attention_is_zero(pool):
                                                   ("vit-mini-p4-28", (28, 20), (7, 5), "token"),
                                                   ("vit-mini-p4-28", (28, 28), (7, 7), "gap")])
 def test_attention_distance_of_uniform_attention_is_mean_pairwise_patch_distance(name, size, grid, pool):
-    model = make_uniform(tiny(name, pool=pool))
+    model = make_uniform(tiny_vit(name, pool=pool))
     expected = mean_pairwise_distance(grid, model.config.patch_size)
     distance = mean_attention_distance(model, images(5, *size), batch_size=2)  # several chunks, uneven last one
     torch.testing.assert_close(distance, torch.full((2, model.config.num_heads), expected), atol=1e-4, rtol=1e-6)
 
 
 def test_attention_distance_batches_agree():
-    model = tiny("vit-mini-p4-28")
+    model = tiny_vit("vit-mini-p4-28")
     x = images(5)
     torch.testing.assert_close(mean_attention_distance(model, x, batch_size=2), mean_attention_distance(model, x))
 
@@ -222,7 +221,7 @@ def test_attention_distance_batches_agree():
                                                  ("vit-mini-p4-28", {"posemb": "sincos2d"}, (3, 6)),
                                                  ("vit-mini-p4-28", {"pool": "gap"}, (6, 4))])
 def test_position_similarity_diagonal_is_one_and_layout_is_raster(name, overrides, grid):
-    model = tiny(name, **overrides)
+    model = tiny_vit(name, **overrides)
     similarity = position_embedding_similarity(model, grid)
     rows, columns = grid or model.config.grid_size
     assert similarity.shape == (rows, columns, rows, columns)
@@ -237,15 +236,15 @@ def test_position_similarity_diagonal_is_one_and_layout_is_raster(name, override
 
 def test_position_similarity_errors():
     with pytest.raises(VitlabError, match="posemb 'none'"):
-        position_embedding_similarity(tiny(posemb="none"))
+        position_embedding_similarity(tiny_vit(posemb="none"))
     with pytest.raises(VitlabError, match="grid"):
-        position_embedding_similarity(tiny(), (0, 3))
+        position_embedding_similarity(tiny_vit(), (0, 3))
 
 
 @pytest.mark.parametrize("name,k,expected", [("vit-mini-p7-28", 28, 28), ("vit-mini-p4-28", 28, 16),
                                              ("vit-mini-p4-32", 5, 5)])
 def test_patch_embedding_components_are_orthonormal_and_capped_at_rank(name, k, expected):
-    model = tiny(name)
+    model = tiny_vit(name)
     components = patch_embedding_components(model, k)
     patch, channels = model.config.patch_size, model.config.in_chans
     assert components.shape == (expected, channels, patch, patch)
@@ -260,4 +259,4 @@ def test_patch_embedding_components_are_orthonormal_and_capped_at_rank(name, k, 
 
 def test_patch_embedding_components_rejects_bad_k():
     with pytest.raises(VitlabError, match="k must be"):
-        patch_embedding_components(tiny(), 0)
+        patch_embedding_components(tiny_vit(), 0)

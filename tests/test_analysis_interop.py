@@ -8,7 +8,6 @@ import torch
 import vitlab
 from vitlab.analysis import attention_maps
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

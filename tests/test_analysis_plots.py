@@ -8,13 +8,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from matplotlib.image import imread
 from PIL import Image
+from matplotlib.image import imread
 
 import vitlab
+from helpers import tiny_vit
 from vitlab import cli
-from vitlab.analysis import (attention_maps, attention_rollout, mean_attention_distance, patch_embedding_components,
-                             position_embedding_similarity, plots)
+from vitlab.analysis import (
+    attention_maps,
+    attention_rollout,
+    mean_attention_distance,
+    patch_embedding_components,
+    plots,
+    position_embedding_similarity,
+)
 from vitlab.analysis.attention import class_token_attention
 from vitlab.commands import analyze
 from vitlab.data import read_idx
@@ -26,12 +33,6 @@ FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.g
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny(**overrides) -> torch.nn.Module:
-    torch.manual_seed(0)
-    overrides.setdefault("depth", 3)
-    return vitlab.create_model("vit-mini-p4-28", **overrides).eval()
-
-
 def check_png(path: Path, min_side: int = 100) -> np.ndarray:
     assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     pixels = imread(path)
@@ -41,7 +42,7 @@ def check_png(path: Path, min_side: int = 100) -> np.ndarray:
 
 
 def test_plots_write_pngs_and_index_references_them(tmp_path):
-    model = tiny()
+    model = tiny_vit("vit-mini-p4-28", depth=3)
     x = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     grid = model.config.grid_size
     rollout = attention_rollout(model, x)
@@ -120,7 +121,7 @@ def test_fashion_mnist_reader():
 def checkpoint(tmp_path):
     """A tiny model saved as a vitlab checkpoint."""
     path = tmp_path / "tiny.safetensors"
-    save_weights(tiny(), path)
+    save_weights(tiny_vit("vit-mini-p4-28", depth=3), path)
     return path
 
 
@@ -141,7 +142,7 @@ def test_analyze_command_end_to_end(tmp_path, checkpoint, capsys):
     assert np.array(numbers["layer_attention"]["data"]["maps"]).shape == (3, 7, 7)
     assert np.array(numbers["attention_distance"]["data"]["distance_pixels"]).shape == (3, 4)
     # the numbers are the library's, for the saved model on the prepared images
-    model, x = tiny(), analyze.load_images(paths, 1, (28, 28))
+    model, x = tiny_vit("vit-mini-p4-28", depth=3), analyze.load_images(paths, 1, (28, 28))
     assert np.allclose(numbers["rollout"]["data"]["rollout"], attention_rollout(model, x).numpy(), atol=1e-6)
     assert np.allclose(numbers["attention_distance"]["data"]["distance_pixels"],
                        mean_attention_distance(model, x).numpy(), atol=1e-5)

@@ -170,6 +170,7 @@ def test_counts_and_patterns_that_select_nothing_are_one_line(trained: Path, cap
     one_error_line(capsys, "no-such-model")
 
 
+@pytest.mark.slow
 def test_python_dash_m_is_the_same_entry_point() -> None:
     result = subprocess.run([sys.executable, "-m", "vitlab", "models", "vit-ti"], capture_output=True, text=True,
                             timeout=120)

@@ -45,6 +45,7 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_sigkilled_run_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
     """benchmarks/kill_resume.py with 3 kills (one random, one at a checkpoint step, one mid-write)."""
     report = load_benchmark("kill_resume").run(kills=3, every=5, epochs=4, seed=1, workdir=tmp_path, verbose=False)
@@ -94,6 +95,7 @@ def loaded_step(directory: Path) -> int:
     return state["step"]
 
 
+@pytest.mark.slow
 def test_two_interrupted_saves_in_a_row_never_lose_the_last_good_checkpoint(tmp_path: Path) -> None:
     """A save is cut at each of its renames, resumed, and the resumed run's first save cut again: a loadable
     pair no older than the last completed save is always left (rotating blindly lost it: the record of the

@@ -11,12 +11,11 @@ import pytest
 import torch
 
 import vitlab
+from helpers import one_error_line, random_model
 from vitlab.cli import main
 from vitlab.data.datasets import load_dataset
 from vitlab.export import INPUT_NAME, OnnxRuntimeModel, export_onnx, quantize_model
 from vitlab.models.vit import ViTConfig, VisionTransformer
-
-from helpers import one_error_line, random_model
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +70,7 @@ def digits_model(one_thread: None) -> tuple[VisionTransformer, torch.Tensor, tor
     return model.eval(), images, labels
 
 
+@pytest.mark.slow
 def test_int8_agrees_with_fp32(ort: ModuleType, digits_model: tuple[VisionTransformer, torch.Tensor, torch.Tensor]
                                ) -> None:
     model, images, labels = digits_model
@@ -103,6 +103,7 @@ def test_bad_quantize_values(monkeypatch: pytest.MonkeyPatch) -> None:
         vitlab.create_model("vit-ti16", num_classes=3, img_size=32, depth=1, quantize="int8")
 
 
+@pytest.mark.slow
 def test_export_command(ort: ModuleType, digits_model: tuple[VisionTransformer, torch.Tensor, torch.Tensor],
                         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     model, images, _ = digits_model

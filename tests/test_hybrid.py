@@ -13,11 +13,10 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import vitlab
+from helpers import count, randomised
 from vitlab.cli import main
 from vitlab.errors import VitlabError
 from vitlab.weights import load_model, load_weights, npz, save_weights
-
-from helpers import count, randomised
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

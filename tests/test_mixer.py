@@ -11,14 +11,15 @@ import pytest
 import timm
 import torch
 
+from helpers import count
 from vitlab import create_model
 from vitlab.errors import VitlabError
 from vitlab.models.mixer import MixerConfig, MlpMixer
 from vitlab.models.registry import config_from_dict, config_to_dict, list_models
 from vitlab.train.config import TrainConfig
 from vitlab.train.loop import Trainer
-from vitlab.weights import mixer as mixer_weights
 from vitlab.weights import load_model, load_weights, npz, save_weights
+from vitlab.weights import mixer as mixer_weights
 
 # Parameter counts with the 1000-class head; each equals timm's `mixer_*_224`. Without the head they are the
 # paper's Table 1 sizes: S/16 18.0M, S/32 18.6M, B/16 59.1M, B/32 59.5M, L/16 207.2M, L/32 205.9M.
@@ -33,10 +34,6 @@ PAPER_COUNTS = {
 MINI_COUNT = 835_376
 TINY = MixerConfig(img_size=(16, 16), patch_size=4, in_chans=3, num_classes=7, embed_dim=24, depth=2,
                    tokens_mlp_dim=12, channels_mlp_dim=96)
-
-
-def count(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def random_mixer(config: MixerConfig = TINY, seed: int = 0) -> MlpMixer:
@@ -177,9 +174,10 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
         model.set_grad_checkpointing(enable)
         model(images).sum().backward()
         grads.append([p.grad.clone() for p in model.parameters()])
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads, strict=True))
 
 
+@pytest.mark.slow
 def test_trains_with_the_trainer(tmp_path: Path) -> None:
     config = TrainConfig(model="mixer-mini-p4-28", dataset="digits", img_size=8, epochs=2, batch_size=64, lr=3e-3,
                          weight_decay=0.05, warmup_steps=5, out=str(tmp_path), progress=False, eval_every_epochs=1.0,

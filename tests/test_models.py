@@ -10,12 +10,19 @@ import torch
 import torch.nn.functional as F
 
 import vitlab
+from helpers import TINY_VIT, count, random_model
 from vitlab.errors import VitlabError
-from vitlab.models import (CROSS_ATTENTION, Family, build_model, capabilities, get_family, get_spec, list_families,
-                           model_config)
+from vitlab.models import (
+    CROSS_ATTENTION,
+    Family,
+    build_model,
+    capabilities,
+    get_family,
+    get_spec,
+    list_families,
+    model_config,
+)
 from vitlab.models.layers import Attention, resample_position_embedding, sincos_2d_position_embedding
-
-from helpers import TINY_VIT, random_model
 
 # The official repo's models_test.py and timm give these counts at 224 px with a 1000-class head.
 PAPER_COUNTS = {
@@ -26,10 +33,6 @@ PAPER_COUNTS = {
     "vit-l16": 304_326_632,
     "vit-h14": 632_045_800,
 }
-
-
-def count(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 @pytest.mark.parametrize("name,expected", PAPER_COUNTS.items())
@@ -54,15 +57,6 @@ def test_unknown_model_and_option_are_named() -> None:
         vitlab.create_model("vit-ti16", img_size=100)
 
 
-def tiny(**overrides) -> vitlab.models.VisionTransformer:
-    base = dict(img_size=32, patch_size=8, in_chans=3, num_classes=5, embed_dim=32, depth=2, num_heads=4, mlp_dim=64)
-    base.update(overrides)
-    model = vitlab.create_model("vit-ti16", **base)
-    for param in model.parameters():  # the zero head and class token would hide bugs
-        torch.nn.init.normal_(param, std=0.2)
-    return model.eval()
-
-
 def test_head_is_zero_initialised_and_reset_classifier_replaces_it() -> None:
     model = vitlab.create_model("vit-mini-p4-28")
     assert torch.count_nonzero(model.head.weight) == 0 and torch.count_nonzero(model.head.bias) == 0
@@ -74,7 +68,7 @@ def test_head_is_zero_initialised_and_reset_classifier_replaces_it() -> None:
 
 
 def test_uniform_api_shapes() -> None:
-    model = tiny(representation_size=24)
+    model = random_model(representation_size=24)
     x = torch.randn(2, 3, 32, 32)
     features = model.forward_features(x)
     assert features.shape == (2, 1 + 16, 32)
@@ -85,7 +79,7 @@ def test_uniform_api_shapes() -> None:
 @pytest.mark.parametrize("pool,posemb", [("token", "learned"), ("gap", "sincos2d"), ("token", "none"),
                                          ("gap", "learned")])
 def test_explicit_attention_equals_fused_path(pool: str, posemb: str) -> None:
-    model = tiny(pool=pool, posemb=posemb)
+    model = random_model(pool=pool, posemb=posemb)
     x = torch.randn(3, 3, 32, 32)
     logits, attentions = model(x, return_attention=True)
     assert torch.allclose(logits, model(x), atol=1e-5)
@@ -102,7 +96,7 @@ def test_explicit_attention_equals_fused_path(pool: str, posemb: str) -> None:
 
 
 def test_rectangular_and_resized_inputs_run() -> None:
-    model = tiny(img_size=(32, 48))
+    model = random_model(img_size=(32, 48))
     assert model.pos_embed.shape == (1, 1 + 4 * 6, 32)
     assert model(torch.randn(1, 3, 32, 48)).shape == (1, 5)
     # At run time the learned embedding is resampled in 2D to any divisible size.
@@ -126,7 +120,7 @@ def test_official_resampling_is_bilinear_align_corners() -> None:
 
 
 def test_runtime_resampling_matches_explicit_resample() -> None:
-    model = tiny()
+    model = random_model()
     x = torch.randn(1, 3, 48, 48)
     expected = resample_position_embedding(model.pos_embed, (6, 6), 1, (4, 4), mode="official")
     assert torch.allclose(model.position_embedding((6, 6)), expected)
@@ -142,7 +136,7 @@ def test_sincos2d_embedding_is_big_vision_layout() -> None:
 
 
 def test_drop_path_and_dropout_only_in_training() -> None:
-    model = tiny(drop_path=0.5, dropout=0.3)
+    model = random_model(drop_path=0.5, dropout=0.3)
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(model(x), model(x))
     model.train()
@@ -198,7 +192,7 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
         model.set_grad_checkpointing(enable)
         model(x).square().sum().backward()
         grads.append([p.grad.clone() for p in model.parameters()])
-    for plain, recomputed in zip(*grads):
+    for plain, recomputed in zip(*grads, strict=True):
         torch.testing.assert_close(plain, recomputed, rtol=1e-5, atol=1e-6)
 
 

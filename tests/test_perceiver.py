@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import one_error_line
+from helpers import count, one_error_line
 from vitlab import create_model
 from vitlab.analysis import cross_attention_maps
 from vitlab.cli import main
@@ -33,10 +33,6 @@ MINI_COUNT = 723_660
 TINY = PerceiverConfig(img_size=(12, 12), in_chans=3, num_classes=5, num_latents=8, latent_dim=32,
                        num_cross_attends=3, latent_blocks=2, latent_heads=4, mlp_ratio=2.0, num_bands=6,
                        max_resolution=12)
-
-
-def count(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def random_perceiver(config: PerceiverConfig = TINY, seed: int = 0) -> Perceiver:
@@ -117,7 +113,7 @@ def test_shared_cross_attend_reuses_its_weights() -> None:
     model.zero_grad()
     model.set_grad_checkpointing()
     model(images).sum().backward()
-    assert all(torch.allclose(p.grad, g, atol=1e-6) for p, g in zip(model.parameters(), grads))
+    assert all(torch.allclose(p.grad, g, atol=1e-6) for p, g in zip(model.parameters(), grads, strict=True))
     unshared = random_perceiver(dataclasses.replace(TINY, share_weights=False))
     assert len(unshared.cross_attends) == 3 and len(unshared.towers) == 3
 
@@ -154,6 +150,7 @@ def test_saved_weights_reload_with_equal_logits(tmp_path: Path) -> None:
     assert model.forward_head(model.forward_features(images), pre_logits=True).shape == (2, 32)
 
 
+@pytest.mark.slow
 def test_trains_with_the_trainer(tmp_path: Path) -> None:
     # 16 latents instead of 64 keep the run to a few seconds on one thread
     config = TrainConfig(model="perceiver-mini-28", model_overrides={"num_latents": 16}, dataset="digits", img_size=8,

@@ -197,6 +197,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_trainer_loss_falls(trained: Path) -> None:
     records = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 3
@@ -206,6 +207,7 @@ def test_trainer_loss_falls(trained: Path) -> None:
     assert state["model_config"]["family"] == "resnet"
 
 
+@pytest.mark.slow
 def test_cli_eval_fewshot_predict_and_analyze(trained: Path, tmp_path: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["eval", str(trained), "--json"]) == 0
@@ -222,6 +224,7 @@ def test_cli_eval_fewshot_predict_and_analyze(trained: Path, tmp_path: Path,
     one_error_line(capsys, "Vision Transformer", "ResNet")
 
 
+@pytest.mark.slow
 def test_finetune_from_a_run_at_another_size(trained: Path, tmp_path: Path) -> None:
     config = TrainConfig(model="resnet-bit-mini-28", dataset="digits", subset=100, img_size=12, epochs=1,
                          batch_size=50, lr=1e-3, out=str(tmp_path / "ft"), progress=False, threads=1,

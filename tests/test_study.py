@@ -30,6 +30,7 @@ def data_size(tmp_path_factory: pytest.TempPathFactory, one_thread: None) -> Pat
     return out
 
 
+@pytest.mark.slow
 def test_data_size_writes_table_json_and_plot(data_size: Path) -> None:
     rows = rows_of(data_size, "data-size")
     assert [(row["model"], row["train_images"]) for row in rows] == [("vit", 200), ("vit", 400)]
@@ -41,6 +42,7 @@ def test_data_size_writes_table_json_and_plot(data_size: Path) -> None:
     assert (data_size / "data-size.png").read_bytes().startswith(PNG)
 
 
+@pytest.mark.slow
 def test_rerun_reuses_finished_runs_and_refuses_changed_ones(data_size: Path,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     weights = data_size / "data-size" / "vit-400" / "last.safetensors"
@@ -54,6 +56,7 @@ def test_rerun_reuses_finished_runs_and_refuses_changed_ones(data_size: Path,
     one_error_line(capsys, "vit-200 holds a run with other settings", "epochs")
 
 
+@pytest.mark.slow
 def test_finished_runs_are_reused_from_their_records_alone(data_size: Path, tmp_path: Path) -> None:
     """What a clone of a repository that keeps the records (not the weights) of a study's runs holds."""
     copy = tmp_path / "records"
@@ -65,6 +68,7 @@ def test_finished_runs_are_reused_from_their_records_alone(data_size: Path, tmp_
     assert not list(copy.rglob("*.safetensors"))  # nothing was trained again
 
 
+@pytest.mark.slow
 def test_no_train_reports_finished_runs_and_leaves_the_rest_pending(data_size: Path,
                                                                      capsys: pytest.CaptureFixture[str]) -> None:
     capsys.readouterr()
@@ -81,6 +85,7 @@ def test_no_train_reports_finished_runs_and_leaves_the_rest_pending(data_size: P
     assert (data_size / "data-size.png").read_bytes().startswith(PNG)
 
 
+@pytest.mark.slow
 def test_posemb_and_resolution(tmp_path: Path, one_thread: None) -> None:
     assert main(["study", "posemb", *QUICK, "--out", str(tmp_path)]) == 0
     assert [row["posemb"] for row in rows_of(tmp_path, "posemb")] == ["none", "learned", "sincos2d"]

@@ -43,6 +43,7 @@ def test_loss_falls_and_accuracy_beats_chance(tmp_path: Path) -> None:
     assert (tmp_path / "curves.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_bit_identically(tmp_path: Path) -> None:
     config = digits_config(tmp_path / "a", ema_decay=0.9, checkpoint_every_steps=10)
     Trainer(config).fit()

@@ -11,8 +11,7 @@ import torch
 from helpers import TINY_VIT, random_model
 from vitlab.errors import VitlabError
 from vitlab.models import ViTConfig, VisionTransformer
-from vitlab.weights import load_model, load_weights, save_weights
-from vitlab.weights import npz
+from vitlab.weights import load_model, load_weights, npz, save_weights
 
 TINY = TINY_VIT
 

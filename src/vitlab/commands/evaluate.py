@@ -168,7 +168,7 @@ def run_predict(args: argparse.Namespace) -> int:
         image = torch.from_numpy(read_image(path, mode, tuple(model.config.img_size)))[None]
         probs = model(transform(image).to(device)).softmax(-1)[0].cpu()
         top = probs.topk(min(args.top_k, len(probs)))
-        ranked = [(names[i], float(p)) for p, i in zip(top.values, top.indices)]
+        ranked = [(names[i], float(p)) for p, i in zip(top.values, top.indices, strict=True)]
         if args.json:
             print(json.dumps({"image": str(path), "top": [{"class": n, "prob": p} for n, p in ranked]}))
         else:

@@ -132,7 +132,7 @@ class Trainer:
         return model
 
     # ---------------------------------------------------------------- main
-    def fit(self) -> dict[str, Any]:
+    def fit(self) -> dict[str, Any]:  # noqa: C901
         config = self.config
         ckpt.check_writable(self.out)
         self.dist = dist = distributed.setup(self.device, config.fsdp)

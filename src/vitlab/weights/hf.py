@@ -105,7 +105,7 @@ def from_state_dict(state: dict[str, torch.Tensor], config: ViTConfig) -> dict[s
             out[f"{dst}layernorm_before.{kind}"] = state[f"{src}norm1.{kind}"]
             out[f"{dst}layernorm_after.{kind}"] = state[f"{src}norm2.{kind}"]
             if f"{src}attn.qkv.{kind}" in state:
-                for name, part in zip(("query", "key", "value"), state[f"{src}attn.qkv.{kind}"].chunk(3)):
+                for name, part in zip(("query", "key", "value"), state[f"{src}attn.qkv.{kind}"].chunk(3), strict=True):
                     out[f"{dst}attention.attention.{name}.{kind}"] = part
             out[f"{dst}attention.output.dense.{kind}"] = state[f"{src}attn.proj.{kind}"]
             out[f"{dst}intermediate.dense.{kind}"] = state[f"{src}mlp.fc1.{kind}"]

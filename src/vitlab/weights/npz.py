@@ -350,10 +350,10 @@ def from_state_dict(state: dict[str, torch.Tensor], config: ViTConfig) -> dict[s
         attn = f"{block}MultiHeadDotProductAttention_{mha}/"
         out[f"{block}LayerNorm_0/scale"] = array(src + "norm1.weight")
         out[f"{block}LayerNorm_0/bias"] = array(src + "norm1.bias")
-        for name, weight in zip(("query", "key", "value"), np.split(array(src + "attn.qkv.weight"), 3)):
+        for name, weight in zip(("query", "key", "value"), np.split(array(src + "attn.qkv.weight"), 3), strict=True):
             out[f"{attn}{name}/kernel"] = weight.T.reshape(dim, heads, head_dim)
         if src + "attn.qkv.bias" in state:
-            for name, bias in zip(("query", "key", "value"), np.split(array(src + "attn.qkv.bias"), 3)):
+            for name, bias in zip(("query", "key", "value"), np.split(array(src + "attn.qkv.bias"), 3), strict=True):
                 out[f"{attn}{name}/bias"] = bias.reshape(heads, head_dim)
         out[f"{attn}out/kernel"] = array(src + "attn.proj.weight").T.reshape(heads, head_dim, dim)
         out[f"{attn}out/bias"] = array(src + "attn.proj.bias")
