@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -10,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from helpers import one_error_line
-from vitlab import study
+from vitlab import studies as study
 from vitlab.cli import main
 from vitlab.errors import VitlabError
+from vitlab.train.config import TrainConfig
 
 # --quick on the bundled digits (360 test images), with even fewer steps than --quick takes, to stay fast
 QUICK = ["--quick", "--dataset", "digits", "--batch-size", "32", "--min-steps", "8", "--no-progress"]
@@ -109,7 +111,8 @@ def test_unknown_or_unregistered_family_exits_2(tmp_path: Path, capsys: pytest.C
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     assert main(["study", "data-size", *QUICK, "--models", "vit", "cnn", "--out", str(tmp_path)]) == 2
     one_error_line(capsys, "unknown model family 'cnn'", "vit, resnet, mixer, perceiver")
-    monkeypatch.setitem(study.FAMILY_RECIPES, "convnext", {"model": "convnext-mini-28"})
+    convnext = dataclasses.replace(study.FAMILY_RECIPES["vit"], config=TrainConfig(model="convnext-mini-28"))
+    monkeypatch.setitem(study.FAMILY_RECIPES, "convnext", convnext)
     assert main(["study", "data-size", *QUICK, "--models", "convnext", "--out", str(tmp_path)]) == 2
     one_error_line(capsys, "'convnext'", "'convnext-mini-28'", "not in the registry")
     assert not list(tmp_path.iterdir())

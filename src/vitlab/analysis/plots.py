@@ -1,4 +1,5 @@
-"""PNG panels in the style of the ViT paper's Fig. 6-7, and an index page that shows them with their numbers.
+"""Every picture vitlab draws: PNG panels in the style of the ViT paper's Fig. 6-7 with an index page that shows
+them with their numbers, a run's training curves, and the studies' charts.
 
 Uses matplotlib's object API on the Agg canvas (no pyplot), so it runs headless and never changes the backend
 of an interactive session that imports it.
@@ -31,12 +32,12 @@ def _numpy(values: torch.Tensor | np.ndarray) -> np.ndarray:
     return np.asarray(values, dtype=np.float32)
 
 
-def _save(figure: Figure, path: str | Path) -> Path:
+def _save(figure: Figure, path: str | Path, dpi: int = 100) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(figure)
     with atomic_path(path) as temporary:
-        figure.savefig(temporary, dpi=100)
+        figure.savefig(temporary, dpi=dpi)
     return path
 
 
@@ -326,3 +327,60 @@ def write_index(out_dir: str | Path, entries: Sequence[Mapping[str, Any]], title
     index = out_dir / "index.html"
     atomic_write(index, page)
     return index
+
+
+# ---------------------------------------------------------------------------------------------------- training
+def plot_training_curves(records: Sequence[Mapping[str, Any]], out_path: str | Path) -> Path | None:
+    """A run's loss and test accuracy against steps, from its metrics records; None (nothing drawn) without any."""
+    if not records:
+        return None
+    steps = [record["step"] for record in records]
+    figure = Figure(figsize=(10, 3.8))
+    loss_axis, acc_axis = figure.subplots(1, 2)
+    loss_axis.plot(steps, [record["train_loss"] for record in records], label="train loss")
+    loss_axis.plot(steps, [record["test_loss"] for record in records], label="test loss")
+    loss_axis.set_xlabel("step")
+    loss_axis.legend()
+    acc_axis.plot(steps, [100 * record["test_top1"] for record in records], label="test top-1")
+    acc_axis.plot(steps, [100 * record["test_top5"] for record in records], label="test top-5")
+    acc_axis.set_xlabel("step")
+    acc_axis.set_ylabel("%")
+    acc_axis.legend()
+    figure.tight_layout()
+    return _save(figure, out_path, dpi=110)
+
+
+# ---------------------------------------------------------------------------------------------------- studies
+def plot_study_lines(series: Mapping[str, Sequence[tuple[int, float | None]]], sizes: Sequence[int], title: str,
+                     out_path: str | Path) -> Path:
+    """Test top-1 (%) against training-set size on a log axis, one line per label; a None point is left out."""
+    figure = Figure(figsize=(6, 4.2))
+    axes = figure.add_subplot()
+    for label, points in series.items():
+        finished = [(size, top1) for size, top1 in points if top1 is not None]
+        axes.plot([size for size, _ in finished], [top1 for _, top1 in finished], marker="o", label=label)
+    axes.set_xscale("log")
+    axes.set_xticks(sizes, [f"{size:,}" for size in sizes])
+    axes.minorticks_off()
+    axes.set_xlabel("training images")
+    axes.set_ylabel("test top-1 (%)")
+    axes.set_title(title)
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    return _save(figure, out_path, dpi=110)
+
+
+def plot_study_bars(labels: Sequence[str], values: Sequence[float | None], title: str, out_path: str | Path) -> Path:
+    """Test top-1 (%) as one bar per run; a None value (a run not finished yet) is labelled pending, with no bar."""
+    figure = Figure(figsize=(max(4.0, 1.6 * len(values)), 4.2))
+    axes = figure.add_subplot()
+    finished = [value for value in values if value is not None] or [0.0]
+    bars = axes.bar(range(len(values)), [value or 0.0 for value in values], color="tab:blue")
+    axes.bar_label(bars, labels=["pending" if value is None else f"{value:.1f}" for value in values])
+    axes.set_xticks(range(len(values)), labels, fontsize=8)
+    axes.set_ylabel("test top-1 (%)")
+    axes.set_ylim(max(0.0, min(finished) - 10), min(100.0, max(finished) + 5))
+    axes.set_title(title)
+    figure.tight_layout()
+    return _save(figure, out_path, dpi=110)

@@ -15,7 +15,9 @@ import numpy as np
 from PIL import Image
 
 from vitlab.atomic import atomic_path, atomic_write
+from vitlab.errors import VitlabError
 from vitlab.train.config import RECIPES
+from vitlab.train.run_dir import RunDir
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -49,9 +51,11 @@ def _write_samples(out: Path, count: int = 4) -> list[Path]:
     return paths
 
 
-def _last_metrics(run_dir: Path) -> dict:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return json.loads(lines[-1])
+def _last_metrics(run_dir: RunDir) -> dict:
+    record = run_dir.last_metrics()
+    if record is None:
+        raise VitlabError(f"{run_dir.metrics_path} holds no evaluation")
+    return record
 
 
 def run(args: argparse.Namespace) -> int:
@@ -67,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
             *progress)
     finetuned = time.perf_counter()
     _vitlab("eval", str(finetune), "--out", str(finetune))
-    pre, fine = _last_metrics(pretrain), _last_metrics(finetune)
+    pre_run, fine_run = RunDir(pretrain), RunDir(finetune)
+    pre, fine = _last_metrics(pre_run), _last_metrics(fine_run)
     best = finetune if fine["test_top1"] >= pre["test_top1"] else pretrain
     samples = _write_samples(out / "samples")
     _vitlab("predict", str(best), *map(str, samples))
@@ -77,14 +82,11 @@ def run(args: argparse.Namespace) -> int:
                "pretrain_s": round(trained - started, 1), "finetune_s": round(finetuned - trained, 1),
                "total_s": round(time.perf_counter() - started, 1), "out": str(out)}
     atomic_write(out / "summary.json", json.dumps(summary, indent=1))
+    best_top1 = max(pre["test_top1"], fine["test_top1"])
     print(f"\n=== vitlab demo: Fashion-MNIST test top-1 {pre['test_top1']:.2%} after pre-training at "
-          f"{_size(pretrain)} px ({summary['pretrain_s']:.0f} s), {fine['test_top1']:.2%} after fine-tuning at "
-          f"{_size(finetune)} px ({summary['finetune_s']:.0f} s); best {max(pre['test_top1'], fine['test_top1']):.2%}"
+          f"{pre_run.img_size()} px ({summary['pretrain_s']:.0f} s), {fine['test_top1']:.2%} after fine-tuning at "
+          f"{fine_run.img_size()} px ({summary['finetune_s']:.0f} s); best {best_top1:.2%}"
           f"; {summary['total_s']:.0f} s in all ===")
     print(f"pictures of what the model learned: {out / 'analysis' / 'index.html'}")
     return 0
 
-
-def _size(run_dir: Path) -> int:
-    record = json.loads((run_dir / "last.json").read_text())
-    return int(record["model_config"]["img_size"][0])

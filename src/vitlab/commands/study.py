@@ -1,4 +1,4 @@
-"""`vitlab study data-size | posemb | resolution`: the inductive-bias studies (see vitlab.study)."""
+"""`vitlab study data-size | posemb | resolution`: the inductive-bias studies (see vitlab.studies)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import shlex
 
-from vitlab import study as studies
+from vitlab import studies
 from vitlab.commands.train import parse_settings
 from vitlab.train.config import TrainConfig, override
 

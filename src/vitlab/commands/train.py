@@ -10,11 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from vitlab.errors import VitlabError
-from vitlab.train.config import FINETUNE_DEFAULTS, TrainConfig, config_from_json, override, recipe_config
+from vitlab.train.config import TrainConfig, get_recipe, override, recipe_config
+from vitlab.train.run_dir import record_train_config
 
 
 def add_common_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--recipe", help="a named recipe from vitlab.train.config.RECIPES")
+    parser.add_argument("--recipe", help="a named recipe from vitlab.train.config.RECIPES; `vitlab finetune` "
+                                         "defaults to `finetune`, the paper's settings over the source run's own")
     parser.add_argument("--model", help="registry name, e.g. vit-ti16")
     parser.add_argument("--dataset", help="fashion-mnist, digits, cifar10, cifar100, an image-folder path, or "
                                           "WebDataset shards (a directory of *.tar, or a brace pattern)")
@@ -107,16 +109,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 def checkpoint_train_config(path: Path) -> TrainConfig | None:
     """The TrainConfig a vitlab run was made with, if `path` is one of its run directories or files."""
-    record = path / "last.json" if path.is_dir() else path.with_suffix(".json")
-    if not record.exists():
-        return None
-    try:
-        data = json.loads(record.read_bytes())
-    except (OSError, ValueError, RecursionError) as error:  # ValueError: not JSON, or not UTF-8
-        raise VitlabError(f"{record}: unreadable run record: {error}") from None
-    if not isinstance(data, dict):
-        raise VitlabError(f"{record}: a run record must be a JSON object, got {type(data).__name__}")
-    return config_from_json(data.get("train_config", {}), str(record)) if "train_config" in data else None
+    return record_train_config(path / "last.json" if path.is_dir() else path.with_suffix(".json"))
 
 
 def run_finetune(args: argparse.Namespace) -> int:
@@ -126,10 +119,8 @@ def run_finetune(args: argparse.Namespace) -> int:
     source = Path(args.init_from)
     if not source.exists():
         raise VitlabError(f"--from {source}: no such file or directory")
-    if args.recipe:
-        base = recipe_config(args.recipe)
-    else:
-        base = override(checkpoint_train_config(source) or TrainConfig(), FINETUNE_DEFAULTS)
+    # A layered recipe (the default, `finetune`) keeps the source run's data and model settings.
+    base = get_recipe(args.recipe or "finetune").over(checkpoint_train_config(source) or TrainConfig())
     base = override(base, {"init_from": str(source), "out": str(Path(args.out or f"{source}-finetune"))})
     return _fit(config_from_args(args, base), args.resume)
 

@@ -1,4 +1,9 @@
-"""The Trainer: steps, evaluation, metrics, checkpoints and resume for every model in the registry."""
+"""The Trainer: steps, evaluation, metrics, checkpoints and resume for every model in the registry.
+
+`Trainer.fit` is a short loop over named steps: set-up (data, model, optimizer, schedule, batch source, resume),
+next batch (from a `train.batches` source), train step, evaluate and log, checkpoint. The run directory's records
+go through `train.run_dir`.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,8 @@ import os
 import platform
 import time
 import warnings
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,16 +24,18 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from vitlab.data import AugmentConfig, EvalTransform, ImageTensors, TrainTransform, load_dataset, match_channels
-from vitlab.data.shards import ShardSet, is_shard_dataset, load_shard_split, stream_batches
+from vitlab.analysis.plots import plot_training_curves
+from vitlab.data import EvalTransform, ImageTensors, TrainTransform, load_dataset, match_channels
+from vitlab.data.shards import ShardSet, is_shard_dataset, load_shard_split
 from vitlab.errors import TrainingDiverged, VitlabError
 from vitlab.eval.metrics import evaluate
 from vitlab.models.registry import build_model, config_to_dict, model_config
 from vitlab.train import checkpoint as ckpt
 from vitlab.train import distributed
+from vitlab.train.batches import Batch, BatchSource, batch_source
 from vitlab.train.config import TrainConfig, config_from_json, config_to_json
 from vitlab.train.optim import build_optimizer, build_scheduler
-
+from vitlab.train.run_dir import RunDir
 
 # Settings a resumed run must share with its checkpoint: the step → sample mapping depends on the data, subset,
 # seed and batch, the restored scheduler on the epochs and learning-rate schedule, and the restored optimizer keeps
@@ -74,6 +82,60 @@ def load_data(config: TrainConfig, img_size: int) -> Data:
     if train.num_classes < 2:
         raise VitlabError(f"{config.dataset}: training needs at least two classes")
     return Data(train, test)
+
+
+@dataclass
+class _Window:
+    """The steps since the last evaluation: the train loss logged there averages them, and a resumed run carries
+    on the sum it had, so its metrics.jsonl equals an uninterrupted run's."""
+
+    loss: float = 0.0
+    steps: int = 0
+    images: int = 0
+    seconds: float = 0.0
+
+    def add(self, loss: float, images: int, seconds: float) -> None:
+        self.loss += loss
+        self.steps += 1
+        self.images += images
+        self.seconds += seconds
+
+    @property
+    def img_per_s(self) -> float:
+        return self.images / max(self.seconds, 1e-9)
+
+
+@dataclass
+class _Run:
+    """What `Trainer.fit` sets up, and what it carries from step to step."""
+
+    model: nn.Module
+    wrapped: nn.Module  # DDP / FSDP2 around the model, or the model itself
+    runner: nn.Module  # `wrapped`, compiled when asked
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    ema: AveragedModel | None
+    source: BatchSource
+    eval_transform: EvalTransform
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    run_dir: RunDir
+    total_steps: int
+    steps_per_epoch: int
+    eval_every: int
+    state_base: dict[str, Any]  # what every checkpoint record holds besides the step's state
+    start_step: int = 0
+    best_top1: float = -1.0
+    started: float = 0.0  # perf_counter() at the run's start, earlier by the time spent before a resume
+    lr: float = 0.0  # the learning rate of the last step
+    window: _Window = field(default_factory=_Window)
+    last_record: dict[str, Any] = field(default_factory=dict)
+    bar: tqdm = field(default_factory=lambda: tqdm(disable=True))
+
+    def show_step(self, loss: float) -> None:
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{self.lr:.2e}", img_s=f"{self.window.img_per_s:.0f}",
+                             refresh=False)
 
 
 class Trainer:
@@ -131,23 +193,82 @@ class Trainer:
             model.reset_classifier(num_classes)
         return model
 
-    # ---------------------------------------------------------------- main
-    def fit(self) -> dict[str, Any]:  # noqa: C901
+    # ---------------------------------------------------------------- the loop
+    def fit(self) -> dict[str, Any]:
+        """Train to the end (from the last checkpoint when resuming); the last evaluation, best top-1 and run dir."""
+        run = self._set_up()
+        batches = run.source.batches(run.start_step)
+        with run.bar:
+            for step in range(run.start_step, run.total_steps):
+                tick = time.perf_counter()
+                inputs, targets = self._next_batch(batches, step)
+                loss = self._train_step(run, inputs, targets, step)
+                run.window.add(loss, self.config.batch_size, time.perf_counter() - tick)
+                run.show_step(loss)
+                done = step + 1
+                evaluated = done % run.eval_every == 0 or done == run.total_steps
+                if evaluated:
+                    self._evaluate_and_log(run, done)
+                if evaluated or done % self.config.checkpoint_every_steps == 0:
+                    self._checkpoint("last", run, done)
+        if run.last_record and self.dist.is_main:
+            plot_training_curves(run.run_dir.metrics(), run.run_dir.curves_path)
+        return {**run.last_record, "best_top1": run.best_top1, "out": str(self.out)}
+
+    # ---------------------------------------------------------------- set-up
+    def _set_up(self) -> _Run:
+        """Data, model, optimizer, schedule, batch source and, when resuming, the state of the last checkpoint."""
         config = self.config
         ckpt.check_writable(self.out)
         self.dist = dist = distributed.setup(self.device, config.fsdp)
         self.device = dist.device
         self._seed()
-        probe_size = config.img_size or model_config(config.model).img_size[0]
-        data = load_data(config, probe_size)
+        data = load_data(config, config.img_size or model_config(config.model).img_size[0])
+        model = self._checked_model(data)
+        wrapped = distributed.wrap_model(model, dist, config.fsdp)  # DDP / FSDP2 under torchrun; else the model
+        steps_per_epoch = len(data.train) // config.batch_size
+        if steps_per_epoch == 0:
+            raise VitlabError(f"batch_size {config.batch_size} is larger than the training set ({len(data.train)})")
+        total_steps = max(1, math.ceil(config.epochs * steps_per_epoch))
+        optimizer = build_optimizer(model, config)
+        scheduler = build_scheduler(optimizer, config, total_steps,
+                                    config.warmup_steps or round(config.warmup_epochs * steps_per_epoch))
+        ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
+               if config.ema_decay else None)
+        size, in_chans = tuple(model.config.img_size), model.config.in_chans
+        train_transform = TrainTransform(config.augment.to_data(), size, data.train.num_classes,
+                                         data.train.flips_allowed)
+        run = _Run(
+            model=model, wrapped=wrapped, runner=torch.compile(wrapped) if config.compile else wrapped,
+            optimizer=optimizer, scheduler=scheduler, ema=ema,
+            source=batch_source(data.train, config.batch_size, config.seed, dist, size, in_chans, train_transform),
+            eval_transform=EvalTransform(size), test_images=match_channels(data.test.images, in_chans),
+            test_labels=data.test.labels, run_dir=RunDir(self.out), total_steps=total_steps,
+            steps_per_epoch=steps_per_epoch, eval_every=max(1, round(config.eval_every_epochs * steps_per_epoch)),
+            state_base={"train_config": config_to_json(config), "model_config": config_to_dict(model.config),
+                        "classes": list(data.train.classes), "total_steps": total_steps,
+                        "steps_per_epoch": steps_per_epoch})
+        elapsed_before = 0.0
+        if self.resume:
+            restored = self._restore(run)
+            if restored is not None:
+                run.start_step, run.best_top1, elapsed_before, (run.window.loss, run.window.steps) = restored
+        if dist.is_main:
+            run.run_dir.truncate_metrics(run.start_step)
+        run.started = time.perf_counter() - elapsed_before
+        run.bar = tqdm(total=total_steps, initial=run.start_step, disable=not (config.progress and dist.is_main),
+                       unit="step", dynamic_ncols=True)
+        return run
+
+    def _checked_model(self, data: Data) -> nn.Module:
+        """The model on its device, checked against the data and the process layout."""
+        config, dist = self.config, self.dist
         data_chans = data.train.channels if isinstance(data.train, ShardSet) else data.train.images.shape[1]
         model = self._build_model(data.train.num_classes, data_chans).to(self.device)
         if config.grad_checkpointing:
             if not hasattr(model, "set_grad_checkpointing"):
                 raise VitlabError(f"grad_checkpointing: {type(model).__name__} does not support it")
             model.set_grad_checkpointing(True)
-        size = tuple(model.config.img_size)
-        in_chans = model.config.in_chans
         if data.train.num_classes != model.config.num_classes:
             raise VitlabError(f"model has {model.config.num_classes} classes, {config.dataset} has "
                               f"{data.train.num_classes}")
@@ -156,137 +277,74 @@ class Trainer:
                               f"process(es) × accum_steps {config.accum_steps}")
         if config.fsdp and config.ema_decay:
             raise VitlabError("ema_decay is not supported with --fsdp")
-        wrapped = distributed.wrap_model(model, dist, config.fsdp)  # DDP / FSDP2 under torchrun; else the model
+        return model
 
-        steps_per_epoch = len(data.train) // config.batch_size
-        if steps_per_epoch == 0:
-            raise VitlabError(f"batch_size {config.batch_size} is larger than the training set ({len(data.train)})")
-        total_steps = max(1, math.ceil(config.epochs * steps_per_epoch))
-        eval_every = max(1, round(config.eval_every_epochs * steps_per_epoch))
-        warmup = config.warmup_steps or round(config.warmup_epochs * steps_per_epoch)
+    # ---------------------------------------------------------------- steps
+    def _next_batch(self, batches: Iterator[Batch], step: int) -> Batch:
+        """The step's augmented batch; under several processes, each rank's randomness (augmentation, dropout) is
+        seeded by the step first, so it is reproducible and a resumed run draws the same numbers."""
+        if self.dist.world_size > 1:
+            torch.manual_seed(distributed.step_seed(self.config.seed, step, self.dist.rank))
+        return next(batches)
 
-        optimizer = build_optimizer(model, config)
-        scheduler = build_scheduler(optimizer, config, total_steps, warmup)
-        ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
-               if config.ema_decay else None)
-        runner = torch.compile(wrapped) if config.compile else wrapped
+    def _train_step(self, run: _Run, inputs: torch.Tensor, targets: torch.Tensor, step: int) -> float:
+        """One optimizer step over the batch (in `accum_steps` micro-batches); the loss, averaged over processes."""
+        config, model = self.config, run.model
+        micro = config.batch_size // (config.accum_steps * self.dist.world_size)
+        model.train()
+        run.optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for chunk in range(config.accum_steps):
+            part = slice(chunk * micro, (chunk + 1) * micro)
+            x, y = inputs[part].to(self.device, non_blocking=True), targets[part].to(self.device)
+            with distributed.gradient_sync(run.wrapped, sync=chunk == config.accum_steps - 1):
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                    loss = F.cross_entropy(run.runner(x), y, label_smoothing=config.label_smoothing)
+                (loss / config.accum_steps).backward()
+            step_loss += loss.item() / config.accum_steps
+        step_loss = self.dist.mean(step_loss)  # every rank sees the same loss, so all stop together on NaN
+        if not math.isfinite(step_loss):
+            raise TrainingDiverged(f"loss became {step_loss} at step {step + 1}; stopped, the last good "
+                                   f"checkpoint in {self.out} is kept")
+        if config.grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        run.optimizer.step()
+        run.lr = run.optimizer.param_groups[0]["lr"]
+        run.scheduler.step()
+        if run.ema is not None:
+            run.ema.update_parameters(model)
+        return step_loss
 
-        augment = AugmentConfig(config.crop_padding, config.hflip, config.randaugment_ops,
-                                config.randaugment_magnitude, mixup_alpha=config.mixup_alpha,
-                                cutmix_alpha=config.cutmix_alpha)
-        train_transform = TrainTransform(augment, size, data.train.num_classes, data.train.flips_allowed)
-        eval_transform = EvalTransform(size)
-        test_images = match_channels(data.test.images, in_chans)
-
-        start_step, best_top1, elapsed_before, window = 0, -1.0, 0.0, (0.0, 0)
-        if self.resume:
-            restored = self._restore(model, optimizer, scheduler, ema)
-            if restored is not None:
-                start_step, best_top1, elapsed_before, window = restored
-        metrics_path = self.out / "metrics.jsonl"
+    def _evaluate_and_log(self, run: _Run, done: int) -> None:
+        """Evaluate on the whole test set, log one metrics line, and keep the best checkpoint."""
+        config, dist = self.config, self.dist
+        eval_model = run.ema.module if run.ema is not None else run.model
+        if dist.group:  # each rank evaluates its share of the test set; the sums are all-reduced
+            result = distributed.evaluate(eval_model, run.test_images, run.test_labels, run.eval_transform, dist,
+                                          config.eval_batch_size, self.autocast)
+        else:
+            result = evaluate(eval_model, run.test_images, run.test_labels, run.eval_transform, self.device,
+                              config.eval_batch_size, self.autocast)
+        run.last_record = {"step": done, "epoch": round(done / run.steps_per_epoch, 4),
+                           "train_loss": run.window.loss / run.window.steps, "lr": run.lr, "test_loss": result.loss,
+                           "test_top1": result.top1, "test_top5": result.top5, "img_per_s": run.window.img_per_s,
+                           "elapsed_s": time.perf_counter() - run.started}
         if dist.is_main:
-            _truncate_metrics(metrics_path, start_step)
-        stream = (stream_batches(data.train, config.batch_size // dist.world_size, dist.rank, dist.world_size,
-                                 config.seed, start_step, size, dist.local_world_size)
-                  if isinstance(data.train, ShardSet) else None)
-
-        state_base = {"train_config": config_to_json(config), "model_config": config_to_dict(model.config),
-                      "classes": list(data.train.classes), "total_steps": total_steps,
-                      "steps_per_epoch": steps_per_epoch}
-        generator_seed = config.seed * 1_000_003
-        order: torch.Tensor | None = None
-        order_epoch = -1
-        last_record: dict[str, Any] = {}
-        # The train loss logged at each evaluation averages the steps since the previous one; a run resumed between
-        # two evaluations carries on the sum it had, so its metrics.jsonl equals an uninterrupted run's.
-        window_loss, window_count, window_images, window_time = window[0], window[1], 0, 0.0
-        started = time.perf_counter() - elapsed_before
-        bar = tqdm(total=total_steps, initial=start_step, disable=not (config.progress and dist.is_main),
-                   unit="step", dynamic_ncols=True)
-        micro = config.batch_size // (config.accum_steps * dist.world_size)
-        for step in range(start_step, total_steps):
-            tick = time.perf_counter()
-            if dist.world_size > 1:  # each rank's own, reproducible augmentation and dropout randomness
-                torch.manual_seed(distributed.step_seed(config.seed, step, dist.rank))
-            if stream is not None:
-                images, labels = next(stream)
-            else:
-                epoch, position = divmod(step, steps_per_epoch)
-                if epoch != order_epoch:
-                    order = torch.randperm(len(data.train),
-                                           generator=torch.Generator().manual_seed(generator_seed + epoch))
-                    order_epoch = epoch
-                # Every rank draws the same global batch and takes its strided share (DistributedSampler-like).
-                indices = order[position * config.batch_size:(position + 1) * config.batch_size]
-                indices = indices[dist.rank::dist.world_size]
-                images, labels = data.train.images[indices], data.train.labels[indices]
-            inputs, targets = train_transform(match_channels(images, in_chans), labels)
-            model.train()
-            optimizer.zero_grad(set_to_none=True)
-            step_loss = 0.0
-            for chunk in range(config.accum_steps):
-                part = slice(chunk * micro, (chunk + 1) * micro)
-                x, y = inputs[part].to(self.device, non_blocking=True), targets[part].to(self.device)
-                with distributed.gradient_sync(wrapped, sync=chunk == config.accum_steps - 1):
-                    with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                        loss = F.cross_entropy(runner(x), y, label_smoothing=config.label_smoothing)
-                    (loss / config.accum_steps).backward()
-                step_loss += loss.item() / config.accum_steps
-            step_loss = dist.mean(step_loss)  # every rank sees the same loss, so all stop together on NaN
-            if not math.isfinite(step_loss):
-                bar.close()
-                raise TrainingDiverged(f"loss became {step_loss} at step {step + 1}; stopped, the last good "
-                                       f"checkpoint in {self.out} is kept")
-            if config.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            lr = optimizer.param_groups[0]["lr"]
-            scheduler.step()
-            if ema is not None:
-                ema.update_parameters(model)
-            window_loss += step_loss
-            window_count += 1
-            window_images += config.batch_size
-            window_time += time.perf_counter() - tick
-            done = step + 1
-            img_per_s = window_images / max(window_time, 1e-9)
-            bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}", img_s=f"{img_per_s:.0f}", refresh=False)
-
-            is_eval = done % eval_every == 0 or done == total_steps
-            if is_eval:
-                eval_model = ema.module if ema is not None else model
-                if dist.group:  # each rank evaluates its share of the test set; the sums are all-reduced
-                    result = distributed.evaluate(eval_model, test_images, data.test.labels, eval_transform, dist,
-                                                  config.eval_batch_size, self.autocast)
-                else:
-                    result = evaluate(eval_model, test_images, data.test.labels, eval_transform, self.device,
-                                      config.eval_batch_size, self.autocast)
-                last_record = {"step": done, "epoch": round(done / steps_per_epoch, 4),
-                               "train_loss": window_loss / window_count, "lr": lr, "test_loss": result.loss,
-                               "test_top1": result.top1, "test_top5": result.top5, "img_per_s": img_per_s,
-                               "elapsed_s": time.perf_counter() - started}
-                if dist.is_main:
-                    _append_metrics(metrics_path, last_record)
-                    bar.write(f"step {done}/{total_steps} epoch {last_record['epoch']:.2f}  train_loss "
-                              f"{last_record['train_loss']:.4f}  test_top1 {result.top1:.2%}  "
-                              f"top5 {result.top5:.2%}  {img_per_s:.0f} img/s")
-                window_loss, window_count, window_images, window_time = 0.0, 0, 0, 0.0
-                if result.top1 > best_top1:
-                    best_top1 = result.top1
-                    self._save("best", model, optimizer, scheduler, ema, done, best_top1, started, state_base,
-                               (window_loss, window_count))
-            if is_eval or done % config.checkpoint_every_steps == 0:
-                self._save("last", model, optimizer, scheduler, ema, done, best_top1, started, state_base,
-                           (window_loss, window_count))
-        bar.close()
-        if last_record and dist.is_main:
-            from vitlab.train.curves import plot_curves
-
-            plot_curves(metrics_path, self.out / "curves.png")
-        return {**last_record, "best_top1": best_top1, "out": str(self.out)}
+            run.run_dir.append_metrics(run.last_record)
+            run.bar.write(f"step {done}/{run.total_steps} epoch {run.last_record['epoch']:.2f}  train_loss "
+                          f"{run.last_record['train_loss']:.4f}  test_top1 {result.top1:.2%}  "
+                          f"top5 {result.top5:.2%}  {run.window.img_per_s:.0f} img/s")
+        run.window = _Window()
+        if result.top1 > run.best_top1:
+            run.best_top1 = result.top1
+            self._checkpoint("best", run, done)
 
     # ---------------------------------------------------------------- checkpoints
+    def _checkpoint(self, name: str, run: _Run, step: int) -> None:
+        """Write checkpoint NAME (`last` or `best`) of the run at `step`."""
+        self._save(name, run.model, run.optimizer, run.scheduler, run.ema, step, run.best_top1, run.started,
+                   run.state_base, (run.window.loss, run.window.steps))
+
     def _save(self, name: str, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
               ema: AveragedModel | None, step: int, best_top1: float, started: float,
               state_base: dict[str, Any], window: tuple[float, int] = (0.0, 0)) -> None:
@@ -309,16 +367,15 @@ class Trainer:
                  "train_window": {"loss_sum": window[0], "steps": window[1]}}
         metadata = {"vitlab_config": json.dumps(state_base["model_config"]), "format": "vitlab-train",
                     "classes": json.dumps(state_base["classes"])}
-        ckpt.save_checkpoint(self.out, name, tensors, state, metadata)
+        RunDir(self.out).save(name, tensors, state, metadata)
 
-    def _restore(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                 ema: AveragedModel | None) -> tuple[int, float, float, tuple[float, int]] | None:
-        """Step, best top-1, elapsed seconds and train-loss window of OUT/last.*, loaded into the objects given.
+    def _restore(self, run: _Run) -> tuple[int, float, float, tuple[float, int]] | None:
+        """Step, best top-1, elapsed seconds and train-loss window of OUT/last.*, loaded into the run's objects.
 
         A record that matches its checksum but not this run (hand-edited, or written to attack) is refused with
         one line naming the run, never a traceback."""
         try:
-            return self._restore_unchecked(model, optimizer, scheduler, ema)
+            return self._restore_unchecked(run)
         except VitlabError:
             raise
         except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError) as error:
@@ -326,9 +383,9 @@ class Trainer:
             raise VitlabError(f"{self.out}: cannot resume from its 'last' checkpoint, which does not fit this run "
                               f"({detail[:300]})") from None
 
-    def _restore_unchecked(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                           ema: AveragedModel | None) -> tuple[int, float, float, tuple[float, int]] | None:
-        loaded = ckpt.load_checkpoint(self.out, "last")
+    def _restore_unchecked(self, run: _Run) -> tuple[int, float, float, tuple[float, int]] | None:
+        model, optimizer, scheduler, ema = run.model, run.optimizer, run.scheduler, run.ema
+        loaded = run.run_dir.load("last")
         if loaded is None:
             return None
         tensors, state = loaded
@@ -339,7 +396,7 @@ class Trainer:
         if wrong:
             raise VitlabError(f"{self.out}: cannot resume from its 'last' checkpoint, whose record has field(s) of "
                               f"the wrong type: {'; '.join(wrong)}")
-        saved = config_from_json(state.get("train_config", {}), str(self.out / "last.json"))
+        saved = config_from_json(state.get("train_config", {}), str(run.run_dir.record_path("last")))
         if saved.model != self.config.model or saved.model_overrides != self.config.model_overrides:
             raise VitlabError(f"{self.out}/last.json was trained with model {saved.model}; cannot resume it as "
                               f"{self.config.model}")
@@ -380,27 +437,3 @@ def _resampled_state(source: nn.Module, target: nn.Module) -> dict[str, torch.Te
             state["pos_embed"], target.config.grid_size, target.num_prefix_tokens, source.config.grid_size,
             target.config.posemb_resample)
     return state
-
-
-def _append_metrics(path: Path, record: dict[str, Any]) -> None:
-    try:
-        with open(path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-    except OSError as error:  # a full disk: stop with one line; the last checkpoint is intact
-        raise VitlabError(f"cannot write {path}: {error.strerror or error}") from None
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records newer than the checkpoint we resume from, so a resumed run logs each evaluation once."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue  # a line torn by a kill mid-write
-    ckpt.atomic_write(path, "".join(line + "\n" for line in kept).encode())
