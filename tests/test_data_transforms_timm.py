@@ -55,8 +55,8 @@ def test_eval_transform_differs_when_a_setting_differs(photos: list[Image.Image]
 def test_train_geometry_equals_timms_for_the_same_crop_box(photos: list[Image.Image], monkeypatch: pytest.MonkeyPatch,
                                                            box: tuple[int, int, int, int], interpolation: str,
                                                            flip: bool) -> None:
-    from torchvision.transforms import v2
     from timm.data.transforms import RandomResizedCropAndInterpolation
+    from torchvision.transforms import v2
 
     preprocessing = Preprocessing(128, *IMAGENET, interpolation)
     ours = SampleTrainTransform(preprocessing, AugmentConfig(hflip=flip))

@@ -39,7 +39,7 @@ from PIL import Image, ImageOps
 
 from vitlab.atomic import atomic_write, fsync_directory
 from vitlab.data.datasets import BUILTIN, load_dataset
-from vitlab.data.folder import DEFAULT_VAL_FRACTION, FolderSplit, list_image_folder
+from vitlab.data.folder import DEFAULT_VAL_FRACTION, FolderSplit, list_image_folder, split_name
 from vitlab.data.images import (
     FORMATS,
     READ_ERRORS,
@@ -173,8 +173,8 @@ def shard_dataset(source: str, out: str | Path, shard_size: int = 1000, subset: 
 
     Built-in sets are stored as PNG under `train` and `test`. An image folder's files are copied as they are (a
     JPEG stays a JPEG) unless `resize` asks for a shorter side of at most that many pixels; its training split and
-    its evaluation split (val/, else test/, else a stratified hold-out of `val_fraction`) are written under their
-    names, and `eval_split` in dataset.json names the latter.
+    its evaluation split (val/, else test/, else a stratified hold-out of `val_fraction`; none where that is 0)
+    are written under their names, and `eval_split` in dataset.json names the latter.
     """
     if shard_size <= 0:
         raise VitlabError(f"--shard-size must be positive, got {shard_size}")
@@ -198,7 +198,8 @@ def shard_dataset(source: str, out: str | Path, shard_size: int = 1000, subset: 
             raise VitlabError(f"unknown data set {source!r}: use one of {', '.join(BUILTIN)} or an image folder")
         if subset is not None:
             raise VitlabError("--subset applies to built-in data sets only")
-        listings = [list_image_folder(root, split, val_fraction, seed) for split in ("train", "eval")]
+        held_out = split_name(root, "eval", val_fraction) != "holdout" or val_fraction > 0
+        listings = [list_image_folder(root, split, val_fraction, seed) for split in ("train", "eval")[:1 + held_out]]
         checked = [(listing, _folder_samples(listing, seed, skip_bad_images, limits)) for listing in listings]
         for listing, files in checked:
             if not files:
@@ -206,7 +207,7 @@ def shard_dataset(source: str, out: str | Path, shard_size: int = 1000, subset: 
             shards = write_shards(_folder_split_samples(files, resize, limits), out, listing.split, shard_size)
             info["splits"][listing.split] = {"num_samples": len(files), "shards": shards}
         info.update(classes=list(listings[0].classes), channels=3, flips_allowed=True, image_size=None,
-                    eval_split=listings[1].split, resize=resize)
+                    eval_split=listings[1].split if held_out else None, resize=resize)
     atomic_write(out / INFO_FILE, json.dumps(info, indent=1) + "\n")
     return info
 
