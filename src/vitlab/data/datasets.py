@@ -1,7 +1,8 @@
-"""Datasets: Fashion-MNIST (offline, from Debian's IDX files), scikit-learn digits, image folders, CIFAR.
+"""Datasets: Fashion-MNIST (offline, from Debian's IDX files), scikit-learn digits, CIFAR, and image folders.
 
-Small sets are held in memory as uint8 NCHW tensors (`ImageTensors`) so a training step never waits on a loader;
-image folders stay on disk and are decoded by torchvision.
+Small sets are held in memory as uint8 NCHW tensors (`ImageTensors`) so a training step never waits on a loader.
+Image folders are listed by `vitlab.data.folder` and read lazily by `vitlab.data.loader`; `load_dataset` can
+still decode a folder split into memory for commands that want a tensor.
 """
 
 from __future__ import annotations
