@@ -29,7 +29,7 @@ from vitlab.data.tensors import ImageTensors
 from vitlab.errors import VitlabError
 
 __all__ = ["FORMATS", "READ_ERRORS", "FolderSplit", "PathTable", "check_same_classes", "list_image_folder",
-           "load_image_folder", "load_folder_split", "read_image", "split_name"]
+           "load_folder_split", "read_image", "split_name"]
 
 SPLITS = ("train", "eval", "val", "test", "holdout", "all")
 EVAL_DIRS = ("val", "test")
@@ -51,9 +51,6 @@ class PathTable:
 
     def __getitem__(self, index: int) -> str:
         return os.fsdecode(self.blob[self.offsets[index]:self.offsets[index + 1]].tobytes())
-
-    def take(self, indices: Sequence[int] | np.ndarray) -> PathTable:
-        return PathTable(self[int(index)] for index in indices)
 
 
 @dataclass(eq=False)
@@ -245,8 +242,3 @@ def load_folder_split(root: str | Path, split: str, img_size: int, skip_bad_imag
     return ImageTensors(torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.int64), listing.classes,
                         listing.name)
 
-
-def load_image_folder(root: Path, img_size: int, skip_bad_images: bool = False, mode: str = "RGB"
-                      ) -> ImageTensors:
-    """Every image under root/<class>/ decoded to `img_size`; a bad file stops with its name unless skipped."""
-    return load_folder_split(root, "all", img_size, skip_bad_images, None, 0, mode)

@@ -125,9 +125,9 @@ class StepBatchSampler(torch.utils.data.Sampler[list[tuple[int, int]]]):
             step += 1
 
 
-def _raise_errors(errors: list[str], hint: bool = True) -> None:
+def _raise_errors(errors: list[str]) -> None:
     if errors:
-        raise VitlabError(f"{errors[0]}; {SKIP_HINT}" if hint else errors[0])
+        raise VitlabError(f"{errors[0]}; {SKIP_HINT}")
 
 
 @dataclass
@@ -171,16 +171,16 @@ class TrainBatches:
         return inputs, labels
 
     def close(self) -> None:
-        """Stop the worker processes."""
-        self._batches = None
+        """Stop the worker processes; the iterator ends."""
+        self._batches = iter(())
 
 
-def _loader_options(workers: int, device: torch.device | None) -> dict[str, Any]:
-    options: dict[str, Any] = {"num_workers": workers, "collate_fn": collate,
-                               "pin_memory": device is not None and device.type == "cuda"}
-    if workers > 0:
-        options.update(persistent_workers=True, prefetch_factor=4)
-    return options
+def _loader_options(workers: int, device: torch.device | None, persistent: bool) -> dict[str, Any]:
+    """Training iterates one endless loader for the whole run, so its workers live as long without being
+    persistent (and `close` can stop them); evaluation passes over its loader again and again, so it keeps its
+    workers between passes."""
+    return {"num_workers": workers, "collate_fn": collate, "pin_memory": device is not None and device.type == "cuda",
+            "persistent_workers": persistent and workers > 0}
 
 
 def folder_batches(dataset: FolderSplit, batch_size: int, seed: int, start_step: int = 0, rank: int = 0,
@@ -199,7 +199,7 @@ def folder_batches(dataset: FolderSplit, batch_size: int, seed: int, start_step:
     sampler = StepBatchSampler(len(dataset), batch_size, seed, start_step, rank, world_size)
     workers = default_workers(local_world_size) if workers is None else workers
     source = FolderDataset(dataset, transform, preprocessing.mode, skip_bad_images, limits, substitute=True)
-    loader = torch.utils.data.DataLoader(source, batch_sampler=sampler, **_loader_options(workers, device))
+    loader = torch.utils.data.DataLoader(source, batch_sampler=sampler, **_loader_options(workers, device, False))
     return TrainBatches(loader, preprocessing, mix, seed, start_step, rank, device, sampler.steps_per_epoch)
 
 
@@ -245,5 +245,5 @@ def eval_batches(dataset: FolderSplit, preprocessing: Preprocessing, batch_size:
                            substitute=False)
     workers = default_workers(local_world_size) if workers is None else workers
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(source, indices), batch_size=batch_size,
-                                         shuffle=False, **_loader_options(workers, device))
+                                         shuffle=False, **_loader_options(workers, device, True))
     return EvalBatches(loader, preprocessing, device, len(indices))
