@@ -94,8 +94,10 @@ def test_flat_folder_gets_a_seeded_stratified_holdout(pets: Path) -> None:
         list_image_folder(pets, "holdout", val_fraction=0.2, seed=1).paths[i] for i in range(len(held))}
     other = list_image_folder(pets, "holdout", val_fraction=0.2, seed=2)
     assert {other.paths[i] for i in range(len(other))} != held_paths
+    (pets / "cat" / "._000.png").write_bytes(b"a macOS resource fork")  # hidden files are not images
+    (pets / ".thumbnails").mkdir()  # nor are hidden folders classes
     everything = list_image_folder(pets, "all")
-    assert len(everything) == 35 and everything.split == "all"
+    assert len(everything) == 35 and everything.split == "all" and everything.classes == ("cat", "dog", "eel")
     assert list_image_folder(pets, "eval", val_fraction=None).split == "train"  # nothing held out: says so
 
 

@@ -15,8 +15,8 @@ from vitlab.data.preprocess import (
 from vitlab.data.tensors import ImageTensors
 from vitlab.data.transforms import AugmentConfig, EvalTransform, TrainTransform, match_channels, normalize
 
-__all__ = ["BUILTIN", "AugmentConfig", "BatchMix", "EvalBatches", "EvalTransform", "TrainBatches", "FolderSplit",
-           "ImageLimits", "ImageTensors", "Preprocessing", "SampleEvalTransform", "SampleTrainTransform",
+__all__ = ["AugmentConfig", "BUILTIN", "BatchMix", "EvalBatches", "EvalTransform", "FolderSplit", "ImageLimits",
+           "ImageTensors", "Preprocessing", "SampleEvalTransform", "SampleTrainTransform", "TrainBatches",
            "TrainTransform", "balanced_subset", "check_same_classes", "default_workers", "eval_batches",
            "fashion_mnist", "folder_batches", "list_image_folder", "load_dataset", "match_channels", "normalize",
            "normalize_batch", "read_idx", "split_name"]

@@ -1,6 +1,6 @@
 """Image folders: the layouts vitlab reads, listed once into paths and labels (nothing decoded), and their splits.
 
-Layouts (class folders may nest images at any depth; hidden folders are ignored):
+Layouts (class folders may nest images at any depth; hidden files and folders are ignored):
 
 - `ROOT/train/<class>/` with `ROOT/val/<class>/` and/or `ROOT/test/<class>/`: the ImageNet / timm layout. The
   evaluation split is `val` (else `test`); its labels follow the training split's class list, and a class that
@@ -119,7 +119,8 @@ def _list_classes(folder: Path, progress: bool) -> tuple[list[str], list[list[st
             found = []
             for directory, subdirs, names in os.walk(folder / name):
                 subdirs[:] = sorted(sub for sub in subdirs if not sub.startswith("."))
-                found.extend(os.path.join(directory, entry) for entry in names if _is_image_name(entry))
+                found.extend(os.path.join(directory, entry) for entry in names
+                             if _is_image_name(entry) and not entry.startswith("."))
             if not found:
                 raise VitlabError(f"{folder / name}: class folder holds no images "
                                   f"({' '.join(sorted({ext.lstrip('.') for ext in IMG_EXTENSIONS}))})")
