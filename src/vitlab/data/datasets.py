@@ -1,7 +1,8 @@
-"""Datasets: Fashion-MNIST (offline, from Debian's IDX files), scikit-learn digits, image folders, CIFAR.
+"""Datasets: Fashion-MNIST (offline, from Debian's IDX files), scikit-learn digits, CIFAR, and image folders.
 
-Small sets are held in memory as uint8 NCHW tensors (`ImageTensors`) so a training step never waits on a loader;
-image folders stay on disk and are decoded by torchvision.
+Small sets are held in memory as uint8 NCHW tensors (`ImageTensors`) so a training step never waits on a loader.
+Image folders are listed by `vitlab.data.folder` and read lazily by `vitlab.data.loader`; `load_dataset` can
+still decode a folder split into memory for commands that want a tensor.
 """
 
 from __future__ import annotations
@@ -9,46 +10,19 @@ from __future__ import annotations
 import gzip
 import os
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from vitlab.data.folder import load_folder_split
+from vitlab.data.tensors import ImageTensors
 from vitlab.errors import VitlabError
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                          "Ankle boot")
 BUILTIN = ("fashion-mnist", "digits", "cifar10", "cifar100")
-
-
-@dataclass
-class ImageTensors:
-    """An in-memory labelled image set: uint8 images (N, C, H, W) and int64 labels (N,)."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    classes: tuple[str, ...]
-    name: str
-    flips_allowed: bool = True
-
-    def __post_init__(self) -> None:
-        if self.images.dtype != torch.uint8 or self.images.ndim != 4:
-            raise VitlabError(f"{self.name}: images must be uint8 (N, C, H, W), got {self.images.dtype} "
-                              f"{tuple(self.images.shape)}")
-        if len(self.images) != len(self.labels):
-            raise VitlabError(f"{self.name}: {len(self.images)} images but {len(self.labels)} labels")
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    def subset(self, indices: torch.Tensor) -> ImageTensors:
-        return ImageTensors(self.images[indices], self.labels[indices], self.classes, self.name, self.flips_allowed)
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -157,11 +131,13 @@ def balanced_subset(data: ImageTensors, size: int, seed: int = 0) -> ImageTensor
 
 
 def load_dataset(name: str, split: str, subset: int | None = None, seed: int = 0, img_size: int = 224,
-                 skip_bad_images: bool = False) -> ImageTensors:
-    """A built-in name (fashion-mnist, digits, cifar10, cifar100) or a path to an image folder.
+                 skip_bad_images: bool = False, val_fraction: float | None = None) -> ImageTensors:
+    """A built-in name (fashion-mnist, digits, cifar10, cifar100) or a path to an image folder, in memory.
 
-    An image folder may hold `train/` and `test/` sub-folders; otherwise the same folder serves both splits.
-    Its images are decoded once and stored at `img_size`.
+    `split` is "train" or "test" (an image folder's evaluation split: its val/, else test/, else the hold-out of
+    `val_fraction`; see `vitlab.data.folder`). With `val_fraction=None` a folder without val/ or test/ serves its
+    training images for both splits, and the test split's name says "train". Folder images are decoded once and
+    stored at `img_size`; `vitlab.data.loader` reads folders lazily instead.
     """
     if name == "fashion-mnist":
         data = fashion_mnist(split)
@@ -170,11 +146,8 @@ def load_dataset(name: str, split: str, subset: int | None = None, seed: int = 0
     elif name in ("cifar10", "cifar100"):
         data = cifar(split, int(name[5:]))
     elif os.sep in name or Path(name).exists():
-        path = Path(name)
-        split_dir = path / split
-        from vitlab.data.folder import load_image_folder
-
-        data = load_image_folder(split_dir if split_dir.is_dir() else path, img_size, skip_bad_images)
+        data = load_folder_split(name, "train" if split == "train" else "eval", img_size, skip_bad_images,
+                                 val_fraction, seed)
     else:
         raise VitlabError(f"unknown dataset {name!r}: use one of {', '.join(BUILTIN)} or a path to an image "
                           "folder (one sub-folder per class)")

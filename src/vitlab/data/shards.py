@@ -2,8 +2,10 @@
 
 A shard is a plain tar whose members follow the WebDataset convention: `{key}.png` (or the source's own `.jpg`,
 `.webp`, ...) and `{key}.cls` (the class index as ASCII) per sample, samples in a seeded random order so every
-shard mixes the classes. `vitlab data shard` writes `OUT/train-000000.tar ...`, `OUT/test-000000.tar ...` and
-`OUT/dataset.json` (classes, channels, sample counts per shard), which tells the trainer the epoch length.
+shard mixes the classes. `vitlab data shard` writes `OUT/train-000000.tar ...`, the evaluation split's
+`OUT/{val,test,holdout}-000000.tar ...` (named after the split it is, see `vitlab.data.folder`) and
+`OUT/dataset.json` (classes, channels, sample counts per shard, `eval_split`), which tells the trainer the epoch
+length. Opening split "test" of shards whose index has no "test" opens its `eval_split`.
 
 Reading (needs the optional `webdataset` package: `pip install 'vitlab[dist]'`; it also opens `pipe:` and http
 URLs) splits the shard list by rank and then by DataLoader worker:
@@ -26,17 +28,30 @@ import os
 import random
 import sys
 import tarfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from vitlab.atomic import atomic_write, fsync_directory
-from vitlab.data.datasets import BUILTIN, ImageTensors, load_dataset
+from vitlab.data.datasets import BUILTIN, load_dataset
+from vitlab.data.folder import DEFAULT_VAL_FRACTION, FolderSplit, list_image_folder, split_name
+from vitlab.data.images import (
+    FORMATS,
+    READ_ERRORS,
+    ImageLimits,
+    check_image,
+    decode_image,
+    load_image,
+    open_regular,
+)
+from vitlab.data.loader import Sample, TrainBatches, collate, default_workers
+from vitlab.data.preprocess import BatchMix, Preprocessing
+from vitlab.data.tensors import ImageTensors
 from vitlab.errors import VitlabError
 
 INFO_FILE = "dataset.json"
@@ -93,37 +108,55 @@ def write_shards(samples: Iterable[tuple[str, bytes, int]], out: Path, prefix: s
     return shards
 
 
-def _folder_samples(root: Path, seed: int, skip_bad_images: bool) -> tuple[list[tuple[Path, int]], list[str]]:
-    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
-
-    try:
-        classes, class_to_index = find_classes(str(root))
-    except FileNotFoundError as error:
-        raise VitlabError(f"{root}: {error}") from None
-    files = [(path, class_to_index[name]) for name in classes for path in sorted((root / name).rglob("*"))
-             if path.is_file() and path.name.lower().endswith(IMG_EXTENSIONS)]
+def _folder_samples(split: FolderSplit, seed: int, skip_bad_images: bool, limits: ImageLimits
+                    ) -> list[tuple[str, int]]:
+    """The split's (path, label) pairs whose images pass `check_image`, in a seeded random order."""
     good, skipped = [], 0
-    for path, label in files:
+    for index in range(len(split)):
+        path = split.paths[index]
         try:
-            with Image.open(path) as image:
-                image.verify()
-        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
+            check_image(path, limits)
+        except VitlabError as error:
             if not skip_bad_images:
-                raise VitlabError(f"{path}: cannot read image ({error}); pass --skip-bad-images to leave it out"
-                                  ) from None
+                raise VitlabError(f"{error}; pass --skip-bad-images to leave it out") from None
             skipped += 1
             continue
-        good.append((path, label))
+        good.append((path, int(split.labels[index])))
     if skipped:
-        print(f"{root}: skipped {skipped} unreadable image(s)", file=sys.stderr)
+        print(f"{split.name}: skipped {skipped} unreadable image(s)", file=sys.stderr)
     random.Random(seed).shuffle(good)
-    return good, list(classes)
+    return good
 
 
-def _folder_split_samples(files: list[tuple[Path, int]]) -> Iterator[tuple[str, bytes, int]]:
+def _extension(path: str) -> str:
+    extension = os.path.splitext(path)[1].lower().lstrip(".")
+    return "jpg" if extension == "jpeg" else "tif" if extension == "tiff" else extension
+
+
+def _folder_split_samples(files: list[tuple[str, int]], resize: int | None, limits: ImageLimits
+                          ) -> Iterator[tuple[str, bytes, int]]:
+    """The files' own bytes; with `resize`, images whose shorter side exceeds it are scaled down to it and
+    re-encoded in their format (JPEG at quality 95; formats Pillow cannot write become PNG)."""
     for path, label in files:
-        extension = path.suffix.lower().lstrip(".")
-        yield ("jpg" if extension == "jpeg" else extension), path.read_bytes(), label
+        with open_regular(path) as handle:
+            data = handle.read()
+        extension = _extension(path)
+        if resize is not None:
+            image = load_image(path, "RGB", limits)
+            if min(image.size) > resize:
+                scale = resize / min(image.size)
+                image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                                     Image.Resampling.BICUBIC)
+                buffer = io.BytesIO()
+                if extension == "jpg":
+                    image.save(buffer, format="JPEG", quality=95)
+                elif extension == "webp":
+                    image.save(buffer, format="WEBP", quality=95)
+                else:
+                    extension = "png"
+                    image.save(buffer, format="PNG")
+                data = buffer.getvalue()
+        yield extension, data, label
 
 
 def _tensor_samples(data: ImageTensors, seed: int) -> Iterator[tuple[str, bytes, int]]:
@@ -133,47 +166,48 @@ def _tensor_samples(data: ImageTensors, seed: int) -> Iterator[tuple[str, bytes,
 
 
 def shard_dataset(source: str, out: str | Path, shard_size: int = 1000, subset: int | None = None, seed: int = 0,
-                  skip_bad_images: bool = False) -> dict[str, Any]:
+                  skip_bad_images: bool = False, val_fraction: float = DEFAULT_VAL_FRACTION,
+                  resize: int | None = None, limits: ImageLimits | None = None) -> dict[str, Any]:
     """Write a built-in data set (fashion-mnist, digits, cifar10, cifar100) or an image folder as shards plus
     OUT/dataset.json; returns what dataset.json holds.
 
-    Built-in sets are stored as PNG; an image folder's files are copied as they are (no re-encoding), from its
-    `train/` and `test/` sub-folders when it has them, else the whole folder becomes `train` (and serves as
-    `test` too, as `--dataset FOLDER` does).
+    Built-in sets are stored as PNG under `train` and `test`. An image folder's files are copied as they are (a
+    JPEG stays a JPEG) unless `resize` asks for a shorter side of at most that many pixels; its training split and
+    its evaluation split (val/, else test/, else a stratified hold-out of `val_fraction`; none where that is 0)
+    are written under their names, and `eval_split` in dataset.json names the latter.
     """
     if shard_size <= 0:
         raise VitlabError(f"--shard-size must be positive, got {shard_size}")
+    if resize is not None and resize < 1:
+        raise VitlabError(f"--resize must be positive, got {resize}")
+    limits = limits or ImageLimits()
     out = Path(out)
     info: dict[str, Any] = {"format": "vitlab-shards", "source": source, "seed": seed, "splits": {}}
     if source in BUILTIN:
+        if resize is not None:
+            raise VitlabError("--resize applies to image folders only")
         for split in ("train", "test"):
             data = load_dataset(source, split, subset if split == "train" else None, seed)
             shards = write_shards(_tensor_samples(data, seed), out, split, shard_size)
             info["splits"][split] = {"num_samples": len(data), "shards": shards}
         info.update(classes=list(data.classes), channels=int(data.images.shape[1]), flips_allowed=data.flips_allowed,
-                    image_size=list(data.images.shape[-2:]))
+                    image_size=list(data.images.shape[-2:]), eval_split="test")
     else:
         root = Path(source)
         if not root.is_dir():
             raise VitlabError(f"unknown data set {source!r}: use one of {', '.join(BUILTIN)} or an image folder")
         if subset is not None:
             raise VitlabError("--subset applies to built-in data sets only")
-        splits = {split: root / split for split in ("train", "test") if (root / split).is_dir()}
-        if "train" not in splits:
-            splits = {"train": root}
-        classes: list[str] | None = None
-        for split, folder in splits.items():
-            files, found = _folder_samples(folder, seed, skip_bad_images)
-            if len(found) < 2 or not files:
-                raise VitlabError(f"{folder}: an image folder needs at least two class sub-folders with images")
-            if classes is not None and found != classes:
-                raise VitlabError(f"{folder}: its classes differ from the train split's")
-            classes = found
-            shards = write_shards(_folder_split_samples(files), out, split, shard_size)
-            info["splits"][split] = {"num_samples": len(files), "shards": shards}
-        if "test" not in info["splits"]:
-            info["splits"]["test"] = info["splits"]["train"]
-        info.update(classes=classes, channels=3, flips_allowed=True, image_size=None)
+        held_out = split_name(root, "eval", val_fraction) != "holdout" or val_fraction > 0
+        listings = [list_image_folder(root, split, val_fraction, seed) for split in ("train", "eval")[:1 + held_out]]
+        checked = [(listing, _folder_samples(listing, seed, skip_bad_images, limits)) for listing in listings]
+        for listing, files in checked:
+            if not files:
+                raise VitlabError(f"{listing.name}: no readable images")
+            shards = write_shards(_folder_split_samples(files, resize, limits), out, listing.split, shard_size)
+            info["splits"][listing.split] = {"num_samples": len(files), "shards": shards}
+        info.update(classes=list(listings[0].classes), channels=3, flips_allowed=True, image_size=None,
+                    eval_split=listings[1].split if held_out else None, resize=resize)
     atomic_write(out / INFO_FILE, json.dumps(info, indent=1) + "\n")
     return info
 
@@ -222,6 +256,8 @@ class ShardSet:
             info_path = path / INFO_FILE
             if info_path.exists():
                 info = _read_info(info_path)
+                if split == "test" and split not in info["splits"] and isinstance(info.get("eval_split"), str):
+                    split = info["eval_split"]
                 if split not in info["splits"]:
                     raise VitlabError(f"{info_path}: no {split!r} split")
                 entry = info["splits"][split]
@@ -285,17 +321,24 @@ def _read_info(path: Path) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------------- reading
-def decode(data: bytes, channels: int | None, size: tuple[int, int] | None, where: str = "") -> torch.Tensor:
-    """Image bytes → uint8 (C, H, W): grey or RGB, and centre-fitted to `size` (height, width) when given."""
+def decode(data: bytes, channels: int | None, size: tuple[int, int] | None, where: str = "",
+           limits: ImageLimits | None = None) -> torch.Tensor:
+    """Image bytes → uint8 (C, H, W): grey or RGB, and centre-fitted to `size` (height, width) when given. The
+    declared size is bounded by `limits` before decoding."""
+    limits = limits or ImageLimits()
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(io.BytesIO(data), formats=FORMATS) as image:
+            width, height = image.size
+            if width > limits.max_side or height > limits.max_side or width * height > limits.max_pixels:
+                raise VitlabError(f"{where}: cannot decode image ({width}×{height} pixels is over the bound "
+                                  f"max_pixels={limits.max_pixels}, max_side={limits.max_side})")
             image = ImageOps.exif_transpose(image)
             mode = {1: "L", 3: "RGB"}.get(channels or 0, "L" if image.mode in ("L", "I;16", "1") else "RGB")
             image = image.convert(mode)
             if size is not None and image.size != (size[1], size[0]):
                 image = ImageOps.fit(image, (size[1], size[0]), Image.Resampling.BICUBIC)
             array = np.array(image, dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
+    except READ_ERRORS as error:
         raise VitlabError(f"{where}: cannot decode image ({error})") from None
     return torch.from_numpy(array[None] if array.ndim == 2 else array.transpose(2, 0, 1).copy())
 
@@ -304,18 +347,24 @@ class ShardStream(torch.utils.data.IterableDataset):
     """(image uint8 CHW, label) samples from shards, split by rank and by DataLoader worker (see the module doc).
 
     `epochs=None` repeats epoch mode forever (epoch `start`, `start + 1`, ...); `keys=True` adds each sample's
-    `(shard url, key)` as a third item.
+    `(shard url, key)` as a third item. With a per-sample `transform` (a Pillow image → uint8 tensor, e.g.
+    `SampleTrainTransform`), the stream yields `vitlab.data.loader.Sample` tuples instead (image, label, skipped,
+    error), for `collate` and `TrainBatches`: a bad image becomes an error naming it, or is skipped with
+    `skip_bad_images`.
     """
 
     def __init__(self, urls: list[str], rank: int = 0, world_size: int = 1, seed: int = 0, resampled: bool = False,
                  epochs: int | None = 1, start: int = 0, shuffle_buffer: int = 0, size: tuple[int, int] | None = None,
-                 channels: int | None = 3, shuffle_shards: bool = True, keys: bool = False) -> None:
+                 channels: int | None = 3, shuffle_shards: bool = True, keys: bool = False,
+                 transform: Callable[[Image.Image], torch.Tensor] | None = None, skip_bad_images: bool = False,
+                 limits: ImageLimits | None = None) -> None:
         super().__init__()
         if not urls:
             raise VitlabError("no shards to read")
         self.urls, self.rank, self.world_size, self.seed = list(urls), rank, world_size, seed
         self.resampled, self.epochs, self.start, self.shuffle_buffer = resampled, epochs, start, shuffle_buffer
         self.size, self.channels, self.shuffle_shards, self.keys = size, channels, shuffle_shards, keys
+        self.transform, self.skip_bad_images, self.limits = transform, skip_bad_images, limits or ImageLimits()
 
     def shards(self, worker: int = 0, workers: int = 1) -> Iterator[str]:
         """The shard URLs this rank's `worker` reads, in order."""
@@ -352,9 +401,20 @@ class ShardStream(torch.utils.data.IterableDataset):
             image_key = next((key for key in IMAGE_KEYS if key in sample), None)
             if image_key is None or "cls" not in sample:
                 raise VitlabError(f"{where}: a sample needs an image ({'/'.join(IMAGE_KEYS)}) and a .cls label")
-            image = decode(sample[image_key], self.channels, self.size, where)
+            if self.transform is not None:
+                yield self._sample(sample[image_key], int(sample["cls"]), where)
+                continue
+            image = decode(sample[image_key], self.channels, self.size, where, self.limits)
             label = int(sample["cls"])
             yield (image, label, (sample["__url__"], sample["__key__"])) if self.keys else (image, label)
+
+
+    def _sample(self, data: bytes, label: int, where: str) -> Sample:
+        try:
+            image = decode_image(data, where, "L" if self.channels == 1 else "RGB", self.limits)
+        except VitlabError as error:
+            return (None, -1, [where], None) if self.skip_bad_images else (None, -1, [], str(error))
+        return self.transform(image), label, [], None
 
 
 def loader_workers(local_world_size: int = 1) -> int:
@@ -377,6 +437,32 @@ def stream_batches(shards: ShardSet, batch_size: int, rank: int, world_size: int
                                          persistent_workers=workers > 0)
     while True:
         yield from loader
+
+
+def shard_batches(shards: ShardSet, batch_size: int, seed: int, start_step: int = 0, rank: int = 0,
+                  world_size: int = 1, workers: int | None = None,
+                  transform: Callable[[Image.Image], torch.Tensor] | None = None, mix: BatchMix | None = None,
+                  preprocessing: Preprocessing | None = None, skip_bad_images: bool = False,
+                  limits: ImageLimits | None = None, device: torch.device | None = None,
+                  local_world_size: int = 1) -> TrainBatches:
+    """`folder_batches` for shards: endless (float inputs, targets) of this rank's share (`batch_size` is
+    global), each image decoded and transformed per sample (default: the evaluation transform), normalised and
+    mixed on the batch. The stream is resampled and seeded by (seed, start step, rank, worker), as
+    `stream_batches`'s; a skipped bad image leaves its batch one image short."""
+    from vitlab.data.preprocess import SampleEvalTransform
+
+    if batch_size % world_size:
+        raise VitlabError(f"batch_size {batch_size} (global) is not divisible by {world_size} process(es)")
+    preprocessing = preprocessing or Preprocessing()
+    stream = ShardStream(shards.urls, rank, world_size, seed, resampled=True, start=start_step,
+                         shuffle_buffer=SHUFFLE_BUFFER, channels=preprocessing.channels,
+                         transform=transform or SampleEvalTransform(preprocessing), skip_bad_images=skip_bad_images,
+                         limits=limits)
+    workers = default_workers(local_world_size) if workers is None else workers
+    loader = torch.utils.data.DataLoader(stream, batch_size=batch_size // world_size, num_workers=workers,
+                                         collate_fn=collate, drop_last=True, persistent_workers=workers > 0,
+                                         pin_memory=device is not None and device.type == "cuda")
+    return TrainBatches(loader, preprocessing, mix, seed, start_step, rank, device, len(shards) // batch_size)
 
 
 def load_shard_split(source: str, split: str, img_size: int) -> ImageTensors:

@@ -21,6 +21,9 @@ STD = 0.5
 
 @dataclass(frozen=True)
 class AugmentConfig:
+    """Training augmentation. In-memory tensor sets use `crop_padding` (random translation); image folders and
+    shards use a random-resized crop of `scale` (share of the area) and `ratio` (aspect) instead, timm's defaults."""
+
     crop_padding: int = 0
     hflip: bool = False
     randaugment_ops: int = 0
@@ -28,6 +31,8 @@ class AugmentConfig:
     randaugment_group: int = 16
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
 
 
 def resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
