@@ -36,10 +36,8 @@ RANKS = {
 SAME_RANK_ALLOWED = {0, 8, 9}  # ground-floor helpers use errors; `vitlab` re-exports the factory; demo calls cli
 # Narrower than the ranks: data holds images and labels and may use only the public `vitlab.models` package.
 ONLY_PUBLIC = {("vitlab.data", "vitlab.models")}
-# Module → module edges that break the rules today, outside this branch's reach; each is to be removed, then
-# deleted here. datasets imports folder inside `load_dataset` while folder imports datasets' ImageTensors: the
-# cycle goes when ImageTensors gets its own module.
-KNOWN_EXCEPTIONS = {("vitlab.data.datasets", "vitlab.data.folder")}
+# Module → module edges allowed to break the rules for now; each is to be removed, then deleted here.
+KNOWN_EXCEPTIONS: set[tuple[str, str]] = set()
 
 
 @pytest.fixture(scope="module")
