@@ -1,15 +1,19 @@
-"""`vitlab serve` through FastAPI's test client: answers equal `vitlab predict`'s, refusals are 4xx JSON, and the
-batcher hands each concurrent request its own answer."""
+"""`vitlab serve` through FastAPI's test client: answers equal `vitlab predict`'s, refusals are 4xx JSON, the
+batcher hands each concurrent request its own answer, and (on a real uvicorn) a stalled upload blocks no one."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import http.client
 import io
 import json
 import logging
+import socket
 import struct
 import sys
+import threading
+import time
 import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +32,7 @@ from vitlab.weights.io import CONFIG_METADATA_KEY
 
 pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn, python-multipart) is not installed")
 pytest.importorskip("multipart", reason="the serve extra (python-multipart) is not installed")
+uvicorn = pytest.importorskip("uvicorn", reason="the serve extra (uvicorn) is not installed")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from vitlab.analysis.attention import attention_rollout  # noqa: E402
@@ -257,3 +262,28 @@ def test_cli_without_the_extra_and_with_a_missing_checkpoint(checkpoint: Path, t
     monkeypatch.setitem(sys.modules, "fastapi", None)
     assert main(["serve", str(checkpoint)]) == 2
     one_error_line(capsys, "pip install 'vitlab[serve]'")
+
+
+def test_a_slow_upload_does_not_hold_up_other_clients(served: ServedModel, images: list[Path]) -> None:
+    server = uvicorn.Server(uvicorn.Config(create_app(ServeConfig("tiny"), served), host="127.0.0.1", port=0,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(500):
+            if server.started:
+                break
+            time.sleep(0.02)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)) as slow:  # declares 100 kB, sends 10 bytes, stalls
+            slow.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n0123456789")
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            started = time.perf_counter()
+            connection.request("POST", "/v1/predict", body=images[0].read_bytes())
+            response = connection.getresponse()
+            assert response.status == 200 and json.loads(response.read())["top"]
+            assert time.perf_counter() - started < 5
+            connection.close()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

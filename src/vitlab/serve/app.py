@@ -211,8 +211,14 @@ def create_app(config: ServeConfig, served: ServedModel | None = None) -> FastAP
     return app
 
 
+def log_requests() -> None:
+    """One line per request on stderr, in the server process and in each worker process."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+
 def app_from_env() -> FastAPI:
     """Factory for uvicorn's worker processes (`--workers` > 1): the config comes from `VITLAB_SERVE_CONFIG`."""
+    log_requests()
     return create_app(ServeConfig(**json.loads(os.environ[CONFIG_ENV])))
 
 
@@ -221,7 +227,7 @@ def run_server(config: ServeConfig, served: ServedModel) -> None:
     each worker process loads its own copy instead."""
     import uvicorn
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    log_requests()
     options: dict[str, Any] = {"host": config.host, "port": config.port, "access_log": False, "log_level": "info"}
     if config.workers > 1:
         os.environ[CONFIG_ENV] = json.dumps(dataclasses.asdict(config))
