@@ -189,7 +189,9 @@ def main() -> None:
     body = photo_jpeg()
     with tempfile.TemporaryDirectory(prefix="serve-load-") as directory:
         folder = Path(directory)
-        checkpoint = save_weights(create_model(args.model, img_size=args.img_size), folder / f"{args.model}.safetensors")
+        model = create_model(args.model, img_size=args.img_size)
+        checkpoint = save_weights(model, folder / f"{args.model}.safetensors")
+        del model
         rows = [measure("batch 1", checkpoint, body, args, 1, folder),
                 measure(f"batch {args.max_batch}", checkpoint, body, args, args.max_batch, folder)]
     print(f"{args.model} (random weights), {args.clients} clients, {args.requests} requests per setting, "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import http.client
 import io
 import json
@@ -287,3 +288,12 @@ def test_a_slow_upload_does_not_hold_up_other_clients(served: ServedModel, image
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def test_a_grey_model_takes_colour_uploads(tmp_path: Path, images: list[Path]) -> None:
+    grey = dataclasses.replace(TINY_VIT, in_chans=1)
+    served = ServedModel(str(save_with_classes(random_model(grey), tmp_path / "grey.safetensors", CLASSES)))
+    with client_for(served) as client:
+        answer = post(client, images[3], "?attention=rollout")
+    assert served.mode == "L" and served.card["in_chans"] == 1
+    assert len(answer["top"]) == 5 and len(answer["attention"]["grid"]) == 4
