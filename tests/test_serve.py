@@ -36,7 +36,7 @@ pytest.importorskip("multipart", reason="the serve extra (python-multipart) is n
 uvicorn = pytest.importorskip("uvicorn", reason="the serve extra (uvicorn) is not installed")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from vitlab.analysis.attention import attention_rollout  # noqa: E402
+from vitlab.analysis.attention import attention_maps, attention_rollout  # noqa: E402
 from vitlab.data import EvalTransform  # noqa: E402
 from vitlab.serve.app import ServeConfig, create_app  # noqa: E402
 from vitlab.serve.batching import Batcher  # noqa: E402
@@ -125,9 +125,16 @@ def test_rollout_grid_and_overlay(served: ServedModel, images: list[Path]) -> No
 
     with client_for(served) as client:
         answer = post(client, images[3], "?attention=rollout")
+        by_layer = post(client, images[3], "?attention=rollout&layers=true")["attention"]["layers"]
     pixels = torch.from_numpy(read_image(images[3], "RGB", TINY_VIT.img_size))[None]
-    expected = attention_rollout(served.model, EvalTransform(TINY_VIT.img_size)(pixels))[0]
+    inputs = EvalTransform(TINY_VIT.img_size)(pixels)
+    expected = attention_rollout(served.model, inputs)[0]
     np.testing.assert_allclose(answer["attention"]["grid"], expected.numpy(), rtol=0, atol=1e-6)
+    assert answer["attention"]["layers"] is None and len(by_layer) == TINY_VIT.depth
+    np.testing.assert_allclose(by_layer[-1], expected.numpy(), rtol=0, atol=1e-6)
+    # Through one layer the class token keeps half of itself and takes half its head-mean attention to each patch.
+    first = attention_maps(served.model, inputs)[0, 0].mean(0)[0, 1:].reshape(4, 4)
+    np.testing.assert_allclose(by_layer[0], 0.5 * first.numpy(), rtol=0, atol=1e-6)
     prefix = "data:image/png;base64,"
     assert answer["attention"]["overlay_png"].startswith(prefix)
     overlay = Image.open(io.BytesIO(base64.b64decode(answer["attention"]["overlay_png"][len(prefix):])))

@@ -99,8 +99,18 @@ def test_page_classifies_an_uploaded_photo(server: tuple[str, Path], tmp_path: P
         percents = [float(percent.rstrip("%")) for _, percent in rows]
         assert percents == sorted(percents, reverse=True) and 0 < sum(percents) <= 100.5
         assert "JPEG 451 × 300" in driver.find_element(By.ID, "status").text
+        final = driver.find_element(By.ID, "overlay").get_attribute("src")
+        # The layer slider redraws the overlay in the page from the per-layer grids, then goes back to the server's.
+        slide = ("const slider = document.getElementById('layer'); slider.value = arguments[0];"
+                 "slider.dispatchEvent(new Event('input'));")
+        driver.execute_script(slide, 1)
+        first = driver.find_element(By.ID, "overlay").get_attribute("src")
+        assert first.startswith("data:image/png") and first != final
+        assert driver.find_element(By.ID, "layer-value").text == f"1 of {PAGE_VIT.depth}"
+        driver.execute_script(slide, PAGE_VIT.depth)
+        assert driver.find_element(By.ID, "overlay").get_attribute("src") == final
         if os.environ.get("VITLAB_SCREENSHOT"):
             driver.save_screenshot(os.environ["VITLAB_SCREENSHOT"])
     finally:
         driver.quit()
-    assert "POST /v1/predict?top_k=5&attention=rollout 200" in log.read_text()
+    assert "POST /v1/predict?top_k=5&attention=rollout&layers=true 200" in log.read_text()

@@ -61,6 +61,7 @@ class Rollout(BaseModel):
     method: Literal["rollout"]
     grid: list[list[float]]
     overlay_png: str
+    layers: list[list[list[float]]] | None = None
 
 
 class Prediction(BaseModel):
@@ -129,10 +130,11 @@ def create_app(config: ServeConfig, served: ServedModel | None = None) -> FastAP
     served = served or ServedModel(config.checkpoint, config.model_name, config.device, config.precision)
     limit = int(config.max_upload_mb * 2 ** 20)
 
-    def run_batch(jobs: list[tuple[torch.Tensor, bool]]) -> list[Answer]:
-        return served.run(torch.stack([image for image, _ in jobs]), [rollout for _, rollout in jobs])
+    def run_batch(jobs: list[tuple[torch.Tensor, bool, bool]]) -> list[Answer]:
+        return served.run(torch.stack([image for image, _, _ in jobs]), [rollout for _, rollout, _ in jobs],
+                          [layers for _, _, layers in jobs])
 
-    batcher: Batcher[tuple[torch.Tensor, bool], Answer] = Batcher(run_batch, config.max_batch,
+    batcher: Batcher[tuple[torch.Tensor, bool, bool], Answer] = Batcher(run_batch, config.max_batch,
                                                                    config.max_wait_ms / 1000)
 
     @contextlib.asynccontextmanager
@@ -189,19 +191,22 @@ def create_app(config: ServeConfig, served: ServedModel | None = None) -> FastAP
     @app.post("/v1/predict", response_model=Prediction, responses=REFUSALS, openapi_extra=UPLOAD_BODY,
               summary="Top-k classes of one image (multipart field `file`, or the raw bytes as the body)")
     async def predict(request: Request, attention: Literal["none", "rollout"] = "none",
-                      top_k: int = Query(5, ge=1, description="how many classes to return")) -> Prediction:
+                      top_k: int = Query(5, ge=1, description="how many classes to return"),
+                      layers: bool = Query(False, description="with attention=rollout, also the rollout through "
+                                                              "the first l layers for l = 1..L")) -> Prediction:
         if attention == "rollout" and not served.has_rollout:
             raise ImageProblem(422, f"attention=rollout needs a ViT; {served.card['architecture']} has no "
                                     "class-token attention to roll out")
         data = await uploaded_image(request, limit)
         image_format, width, height = await run_in_threadpool(check_image, data, config.max_pixels)
         pixels = await run_in_threadpool(decode_image, data, served.mode, served.size)
-        answer = await batcher.submit((torch.from_numpy(pixels), attention == "rollout"))
+        answer = await batcher.submit((torch.from_numpy(pixels), attention == "rollout", layers))
         top = answer.probabilities.topk(min(top_k, len(served.classes)))
         rollout = None
         if answer.rollout is not None:
             overlay = await run_in_threadpool(overlay_png, data, answer.rollout, served.size)
-            rollout = Rollout(method="rollout", grid=answer.rollout.tolist(), overlay_png=overlay)
+            rollout = Rollout(method="rollout", grid=answer.rollout.tolist(), overlay_png=overlay,
+                              layers=None if answer.layers is None else answer.layers.tolist())
         return Prediction(
             model=served.name, precision=served.precision, preprocessing=served.preprocessing, attention=rollout,
             top=[Ranked(index=int(index), label=served.classes[int(index)], probability=float(probability))

@@ -102,10 +102,12 @@ def overlay_png(data: bytes, heatmap: torch.Tensor, model_size: tuple[int, int],
 
 @dataclass(frozen=True)
 class Answer:
-    """One image's result from a batch: its class probabilities and, when asked for, its rollout heatmap."""
+    """One image's result from a batch: its class probabilities and, when asked for, its rollout heatmap (gh, gw)
+    and the rollout through the first l layers for every l (L, gh, gw)."""
 
     probabilities: torch.Tensor
-    rollout: torch.Tensor | None
+    rollout: torch.Tensor | None = None
+    layers: torch.Tensor | None = None
 
 
 class ServedModel:
@@ -142,20 +144,32 @@ class ServedModel:
             "resize": f"shorter side to {min(self.size)} px (bicubic), centre crop {self.size[0]}x{self.size[1]}",
             "normalize": {"mean": MEAN, "std": STD, "scale": "x / 255"}}
 
-    def run(self, images: torch.Tensor, rollout: list[bool]) -> list[Answer]:
-        """One forward pass for a (B, C, H, W) uint8 batch; rollout maps only for the images that ask for one."""
+    def run(self, images: torch.Tensor, rollout: list[bool], layers: list[bool] | None = None) -> list[Answer]:
+        """One forward pass for a (B, C, H, W) uint8 batch; rollout maps only for the images that ask for one (and
+        per-layer maps only where `layers` asks: L rollouts of 1..L layers cost O(L²) matrix products)."""
         inputs = self.transform(images).to(self.device)
         with torch.inference_mode():
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
                 logits = self.model(inputs)
             probabilities = logits.float().softmax(-1).cpu()
-        maps: list[torch.Tensor | None] = [None] * len(rollout)
+        answers = [Answer(row) for row in probabilities]
         wanted = [index for index, flag in enumerate(rollout) if flag]
         if wanted:
-            from vitlab.analysis.attention import attention_rollout
+            from vitlab.analysis.attention import attention_maps, patch_grid, rollout_matrix, rollout_readout
 
+            # attention_rollout's composition, with the maps kept for the per-layer rollouts.
+            grid, prefix = patch_grid(self.model, inputs), self.model.num_prefix_tokens
             with torch.inference_mode():
-                heatmaps = attention_rollout(self.model, inputs[wanted]).float().cpu()
-            for index, heatmap in zip(wanted, heatmaps):
-                maps[index] = heatmap
-        return [Answer(row, heatmap) for row, heatmap in zip(probabilities, maps)]
+                attentions = attention_maps(self.model, inputs[wanted])
+
+            def through(depth: int) -> torch.Tensor:
+                return rollout_readout(rollout_matrix(attentions[:depth], "mean", 0.0, prefix), grid,
+                                       prefix).float().cpu()
+
+            final = through(len(attentions))
+            per_layer = (torch.stack([through(depth) for depth in range(1, len(attentions) + 1)], dim=1)
+                         if layers and any(layers[index] for index in wanted) else None)
+            for position, index in enumerate(wanted):
+                answers[index] = Answer(probabilities[index], final[position],
+                                        per_layer[position] if per_layer is not None and layers[index] else None)
+        return answers
