@@ -304,3 +304,17 @@ def test_a_grey_model_takes_colour_uploads(tmp_path: Path, images: list[Path]) -
         answer = post(client, images[3], "?attention=rollout")
     assert served.mode == "L" and served.card["in_chans"] == 1
     assert len(answer["top"]) == 5 and len(answer["attention"]["grid"]) == 4
+
+
+def test_a_model_without_attention_answers_and_refuses_rollout(tmp_path: Path, images: list[Path]) -> None:
+    from vitlab.models.mixer import MixerConfig, MlpMixer
+
+    torch.manual_seed(0)
+    mixer = MlpMixer(MixerConfig(img_size=(16, 16), patch_size=4, num_classes=5, embed_dim=24, depth=2,
+                                 tokens_mlp_dim=12, channels_mlp_dim=48)).eval()
+    served = ServedModel(str(save_with_classes(mixer, tmp_path / "mixer.safetensors", CLASSES)))
+    with client_for(served) as client:
+        assert client.get("/v1/model").json()["attention"] == []
+        assert {item["label"] for item in post(client, images[0])["top"]} == set(CLASSES)
+        refused = client.post("/v1/predict?attention=rollout", content=images[0].read_bytes())
+    assert refused.status_code == 422 and "MlpMixer" in refused.json()["error"]
