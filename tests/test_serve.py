@@ -318,3 +318,38 @@ def test_a_model_without_attention_answers_and_refuses_rollout(tmp_path: Path, i
         assert {item["label"] for item in post(client, images[0])["top"]} == set(CLASSES)
         refused = client.post("/v1/predict?attention=rollout", content=images[0].read_bytes())
     assert refused.status_code == 422 and "MlpMixer" in refused.json()["error"]
+
+
+def test_mutated_images_are_answered_or_refused_never_500(served: ServedModel, images: list[Path]) -> None:
+    rng = np.random.default_rng(0)
+    statuses = set()
+    with client_for(served) as client:
+        for round_ in range(120):
+            data = bytearray(images[round_ % len(images)].read_bytes())
+            for _ in range(int(rng.integers(1, 8))):
+                data[int(rng.integers(0, len(data)))] = int(rng.integers(0, 256))
+            cut = len(data) if rng.random() < 0.7 else int(rng.integers(1, len(data)))
+            response = client.post("/v1/predict?attention=rollout", content=bytes(data[:cut]))
+            assert response.status_code in (200, 413, 415, 422), (round_, response.text)
+            assert response.status_code == 200 or response.json()["error"]
+            statuses.add(response.status_code)
+    assert 200 in statuses and len(statuses) > 1
+
+
+def test_a_failing_forward_is_a_json_500_and_the_next_request_is_served(checkpoint: Path, images: list[Path],
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    served = ServedModel(str(checkpoint))
+    original = served.run
+    calls = []
+
+    def fail_once(*args: object) -> object:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("out of memory, say")
+        return original(*args)
+
+    monkeypatch.setattr(served, "run", fail_once)
+    with TestClient(create_app(ServeConfig(str(checkpoint)), served), raise_server_exceptions=False) as client:
+        failed = client.post("/v1/predict", content=images[0].read_bytes())
+        assert failed.status_code == 500 and "out of memory, say" in failed.json()["error"]
+        assert post(client, images[0])["top"]

@@ -161,6 +161,11 @@ def create_app(config: ServeConfig, served: ServedModel | None = None) -> FastAP
     async def http_problem(_: Request, error: HTTPException) -> JSONResponse:
         return JSONResponse({"error": str(error.detail)}, status_code=error.status_code, headers=error.headers)
 
+    @app.exception_handler(Exception)
+    async def server_fault(_: Request, error: Exception) -> JSONResponse:
+        log.exception("internal error")
+        return JSONResponse({"error": f"internal error ({type(error).__name__}): {error}"}, status_code=500)
+
     @app.middleware("http")
     async def log_request(request: Request, call_next: Any) -> Any:
         started = time.perf_counter()

@@ -19,7 +19,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from vitlab.data import EvalTransform
-from vitlab.data.folder import FORMATS, READ_ERRORS, read_image
+from vitlab.data.folder import FORMATS, read_image
 from vitlab.data.transforms import MEAN, STD
 from vitlab.errors import VitlabError
 
@@ -66,7 +66,7 @@ def check_image(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[str, int, in
         raise ImageProblem(413, f"decompression bomb refused: {error}") from None
     except UnidentifiedImageError:
         raise ImageProblem(415, f"not an image in an accepted format ({', '.join(FORMATS)})") from None
-    except READ_ERRORS as error:
+    except Exception as error:  # any failure of a header parser (READ_ERRORS or other) is the upload's
         raise ImageProblem(422, f"unreadable image header ({type(error).__name__}: {error})") from None
     if width * height > max_pixels:
         raise ImageProblem(413, f"image of {width}x{height} = {width * height:,} pixels is over the limit of "
@@ -81,6 +81,8 @@ def decode_image(data: bytes, mode: str, size: tuple[int, int]) -> np.ndarray:
     except VitlabError as error:
         reason = str(error).partition("cannot read image ")[2] or str(error)
         raise ImageProblem(422, f"cannot decode the image {reason}") from None
+    except Exception as error:  # a decoder failure outside `read_image`'s list is still the upload's
+        raise ImageProblem(422, f"cannot decode the image ({type(error).__name__}: {error})") from None
 
 
 def overlay_png(data: bytes, heatmap: torch.Tensor, model_size: tuple[int, int], side: int = OVERLAY_SIDE) -> str:
