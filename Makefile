@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data demo lint test test-fast bench clean
+.PHONY: setup data browser demo lint test test-fast bench clean
 
 # The demo needs vitlab's runtime dependencies only; the tests and benchmarks add the `dev` extra (timm,
 # transformers, ...), which the demo would otherwise spend minutes installing.
@@ -26,13 +26,18 @@ data:
 	@if [ ! -d $(FMNIST) ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; fi
 
+# Debian's Chromium and its WebDriver for the serve page's browser test; without root or apt, that test skips.
+browser:
+	@if ! command -v chromedriver >/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && apt-get install -y -qq chromium chromium-driver; fi
+
 demo: $(VENV)/.runtime data
 	$(PY) -m vitlab demo --out runs/demo
 
 lint: setup
 	$(PY) -m ruff check src tests benchmarks
 
-test: setup data
+test: setup data browser
 	$(PY) -m pytest -q
 
 # Skips the tests marked `slow` (training runs, subprocesses, large models) for a quick check while editing.

@@ -332,8 +332,8 @@ def _load_hf(path: Path) -> None:
 
 
 def _load_run(path: Path) -> None:
-    from vitlab.commands.train import checkpoint_train_config
     from vitlab.train import checkpoint as ckpt
+    from vitlab.train.run_dir import checkpoint_train_config
 
     try:
         checkpoint_train_config(path)

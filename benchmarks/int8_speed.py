@@ -56,10 +56,10 @@ def int8_speed(batch: int = 32, repeats: int = 5, threads: int = 2) -> dict[str,
 
 def int8_accuracy(checkpoint: str | Path, dataset: str | None = None, threads: int = 2) -> dict[str, Any]:
     """fp32 and int8 top-1 of a checkpoint on a test set, and how often the two predict the same class."""
-    from vitlab.commands.train import checkpoint_train_config
     from vitlab.data import EvalTransform, load_dataset, match_channels
     from vitlab.errors import VitlabError
     from vitlab.eval.metrics import evaluate
+    from vitlab.train.run_dir import checkpoint_train_config
     from vitlab.weights import load_model
 
     torch.set_num_threads(threads)

@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "analyze": "vitlab.commands.analyze",
     "data": "vitlab.commands.data",
     "study": "vitlab.commands.study",
+    "serve": "vitlab.commands.serve",
 }
 
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from vitlab.atomic import atomic_path
 from vitlab.commands import positive_int
-from vitlab.commands.train import checkpoint_train_config
+from vitlab.train.run_dir import checkpoint_train_config
 from vitlab.data import EvalTransform, load_dataset, match_channels
 from vitlab.errors import VitlabError
 from vitlab.eval.metrics import confusion_matrix, evaluate

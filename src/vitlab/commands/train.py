@@ -11,7 +11,7 @@ from typing import Any
 
 from vitlab.errors import VitlabError
 from vitlab.train.config import TrainConfig, get_recipe, override, recipe_config
-from vitlab.train.run_dir import record_train_config
+from vitlab.train.run_dir import checkpoint_train_config
 
 
 def add_common_options(parser: argparse.ArgumentParser) -> None:
@@ -105,11 +105,6 @@ def run_train(args: argparse.Namespace) -> int:
         return relaunched
     base = recipe_config(args.recipe or "fmnist-vit")
     return _fit(config_from_args(args, base), args.resume)
-
-
-def checkpoint_train_config(path: Path) -> TrainConfig | None:
-    """The TrainConfig a vitlab run was made with, if `path` is one of its run directories or files."""
-    return record_train_config(path / "last.json" if path.is_dir() else path.with_suffix(".json"))
 
 
 def run_finetune(args: argparse.Namespace) -> int:

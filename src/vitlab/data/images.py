@@ -116,6 +116,11 @@ def load_image(path: str | Path, mode: str = "RGB", limits: ImageLimits | None =
 def read_image(path: Path, mode: str, size: tuple[int, int], limits: ImageLimits | None = None) -> np.ndarray:
     """`load_image`, then the shorter side resized and centre-cropped to `size` (height, width); returns uint8
     (C, H, W)."""
-    image = ImageOps.fit(load_image(path, mode, limits), (size[1], size[0]), Image.Resampling.BICUBIC)
+    return fit_image(load_image(path, mode, limits), size)
+
+
+def fit_image(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """The shorter side resized and centre-cropped to `size` (height, width), as uint8 (C, H, W)."""
+    image = ImageOps.fit(image, (size[1], size[0]), Image.Resampling.BICUBIC)
     array = np.array(image, dtype=np.uint8)
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)

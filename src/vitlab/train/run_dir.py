@@ -50,6 +50,11 @@ def record_train_config(path: Path) -> TrainConfig | None:
     return config_from_json(data["train_config"], str(path))
 
 
+def checkpoint_train_config(path: Path) -> TrainConfig | None:
+    """The TrainConfig a vitlab run was made with, if `path` is one of its run directories or files."""
+    return record_train_config(path / "last.json" if path.is_dir() else path.with_suffix(".json"))
+
+
 @dataclass(frozen=True)
 class RunDir:
     """One run directory: its checkpoints' records and its metrics log."""
