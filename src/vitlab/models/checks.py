@@ -29,3 +29,8 @@ def require_probability(name: str, value: Any) -> None:
 def require_positive_number(name: str, value: Any) -> None:
     if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0.0 < value < math.inf:
         raise VitlabError(f"{name} must be a positive number, got {value!r}")
+
+
+def require_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise VitlabError(f"{name} must be one of {choices}, got {value!r}")
