@@ -284,3 +284,20 @@ def test_each_family_declares_what_generic_code_needs(family: Family) -> None:
         queries = config.num_latents if cross else model.num_prefix_tokens + math.prod(config.grid_size)
         assert maps[0].shape[-2] == queries
     assert capabilities(torch.nn.Linear(1, 1)) == frozenset()
+
+
+def test_activation_is_part_of_the_config_and_saved_with_it() -> None:
+    config = dataclasses.replace(TINY_VIT, act="gelu_tanh")
+    data = vitlab.models.config_to_dict(config)
+    assert data["act"] == "gelu_tanh" and vitlab.models.config_from_dict(data) == config
+    del data["act"]  # files written before the field existed load with the exact GELU they were computed with
+    assert vitlab.models.config_from_dict(data).act == "gelu"
+    model, tanh = random_model(TINY_VIT), random_model(config)
+    assert tanh.blocks[0].mlp.act.approximate == "tanh" and model.blocks[0].mlp.act.approximate == "none"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert 1e-6 < (model(x) - tanh(x)).abs().max() < 1e-2  # the same weights, a slightly different function
+        model.set_numerics(act="gelu_tanh")
+        assert torch.equal(model(x), tanh(x)) and model.config == config
+    with pytest.raises(VitlabError, match="act must be one of"):
+        vitlab.create_model("vit-ti16", act="relu")

@@ -21,7 +21,7 @@ TAG = "test-npz"
 def published(tmp_path, monkeypatch):
     """A 'published' .npz of MODEL with random weights, catalogued under TAG, and an empty cache."""
     torch.manual_seed(0)
-    source = create_model(MODEL).eval()
+    source = create_model(MODEL, act="gelu_tanh").eval()  # Google's code computes its files with the tanh GELU
     with torch.no_grad():
         for parameter in source.parameters():
             parameter.normal_(0.0, 0.2)
@@ -41,6 +41,7 @@ def outputs(model: torch.nn.Module, size: int = 32) -> torch.Tensor:
 def test_download_once_then_cached(published, tmp_path):
     source, remote, _ = published
     model = create_model(MODEL, pretrained=TAG)
+    assert model.config.act == "gelu_tanh"  # built with the default exact GELU, then given the file's
     torch.testing.assert_close(outputs(model), outputs(source), atol=1e-5, rtol=1e-5)
     cached = sorted(path.name for path in (tmp_path / "cache").iterdir())
     assert cached == [f"{MODEL}--{TAG}--vit.npz", f"{MODEL}--{TAG}--vit.npz.sha256"]

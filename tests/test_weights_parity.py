@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from helpers import slow_when
@@ -111,8 +112,9 @@ def test_rectangular_input_matches_timm_and_hf(tmp_path):
     assert back.config.img_size == size
 
 
-def test_round_trip_npz_timm_hf(tmp_path):
-    model = randomize_(create_model("vit-ti16", num_classes=10))
+def test_round_trip_npz_timm_hf_keeps_the_tanh_gelu(tmp_path):
+    """A model as Google's code computes it (tanh GELU) stays so through .npz, timm and HF files."""
+    model = randomize_(create_model("vit-ti16", num_classes=10, act="gelu_tanh"))
     x = images(batch=1)
     with torch.no_grad():
         expected = model(x)
@@ -121,12 +123,56 @@ def test_round_trip_npz_timm_hf(tmp_path):
     save_weights(from_npz, tmp_path / "b.safetensors", "timm")
     from_timm = load_model(tmp_path / "b.safetensors", "vit-ti16")
     save_weights(from_timm, tmp_path / "c", "hf")
+    assert json.loads((tmp_path / "c" / "config.json").read_text())["hidden_act"] == "gelu_pytorch_tanh"
     from_hf = load_model(tmp_path / "c").eval()
+    assert from_npz.config.act == from_timm.config.act == from_hf.config.act == "gelu_tanh"
     with torch.no_grad():
         torch.testing.assert_close(from_hf(x), expected, atol=ATOL, rtol=0)
-    # ...and the timm file in the middle is one timm's own model accepts as is.
-    reference = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10)
+    # ...and the files in the middle compute the same in timm (told the activation the file records) and in HF.
+    with safe_open(tmp_path / "b.safetensors", "pt") as handle:
+        act_layer = handle.metadata()["act_layer"]
+    reference = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, act_layer=act_layer)
     reference.load_state_dict(load_file(tmp_path / "b.safetensors"), strict=True)
+    hf_model = transformers.ViTForImageClassification.from_pretrained(tmp_path / "c").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reference.eval()(x), expected, atol=ATOL, rtol=0)
+        torch.testing.assert_close(hf_model(pixel_values=x).logits, expected, atol=ATOL, rtol=0)
+        # the exact GELU would not pass: the check sees the activation
+        exact = load_model(tmp_path / "b.safetensors", "vit-ti16", act="gelu").eval()
+        assert (exact(x) - expected).abs().max() > 10 * (from_hf(x) - expected).abs().max()
+
+
+def test_hf_tanh_gelu_is_read_and_other_activations_refused(tmp_path):
+    config = hf_config(32, 4, 64, 32, depth=2)
+    config.hidden_act = "gelu_pytorch_tanh"
+    torch.manual_seed(0)
+    reference = randomize_(transformers.ViTForImageClassification(config))
+    reference.save_pretrained(tmp_path / "tanh")
+    model = load_model(tmp_path / "tanh").eval()
+    assert model.config.act == "gelu_tanh"
+    x = images(32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(pixel_values=x).logits, atol=1e-5, rtol=0)
+    data = json.loads((tmp_path / "tanh" / "config.json").read_text())
+    (tmp_path / "relu").mkdir()
+    (tmp_path / "relu" / "config.json").write_text(json.dumps({**data, "hidden_act": "relu"}))
+    (tmp_path / "tanh" / "model.safetensors").rename(tmp_path / "relu" / "model.safetensors")
+    with pytest.raises(VitlabError, match="hidden_act 'relu'"):
+        load_model(tmp_path / "relu")
+
+
+def test_load_weights_computes_as_the_source_library(tmp_path):
+    """Loading into a built model gives it the activation of the weights' source: tanh for Google's .npz, exact
+    for timm (and back)."""
+    model = randomize_(create_model("vit-ti16", num_classes=10))
+    save_weights(model, tmp_path / "timm.safetensors", "timm")
+    with pytest.warns(UserWarning, match="gelu_tanh"):  # .npz is read with the tanh GELU: said when writing
+        save_weights(model, tmp_path / "google.npz", "npz")
+    target = create_model("vit-ti16", num_classes=10)
+    assert load_weights(target, tmp_path / "google.npz").config.act == "gelu_tanh"
+    assert target.blocks[0].mlp.act.approximate == "tanh"
+    assert load_weights(target, tmp_path / "timm.safetensors").config.act == "gelu"
+    assert target.blocks[0].mlp.act.approximate == "none"
 
 
 def test_hf_backbone_with_pooler_is_pre_logits(tmp_path):

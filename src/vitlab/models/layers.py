@@ -11,6 +11,9 @@ from torch import nn
 from vitlab.errors import VitlabError
 
 RESAMPLE_MODES = ("official", "bicubic")
+# The MLPs' GELU: exact (erf), as PyTorch, timm and Hugging Face compute it, or the tanh approximation, the default
+# of Flax's `nn.gelu` that Google's own code (vision_transformer, big_vision) trains and evaluates its checkpoints with.
+ACTIVATIONS = ("gelu", "gelu_tanh")
 
 
 def to_2tuple(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -89,19 +92,33 @@ def zero_head(num_features: int, num_classes: int) -> nn.Module:
     return head
 
 
-class Mlp(nn.Module):
-    """Dense → GELU → Dense, with dropout after each dense layer as in the paper."""
+def gelu(act: str = "gelu") -> nn.GELU:
+    """The GELU that `act` names (one of `ACTIVATIONS`)."""
+    if act not in ACTIVATIONS:
+        raise VitlabError(f"act must be one of {ACTIVATIONS}, got {act!r}")
+    return nn.GELU(approximate="tanh" if act == "gelu_tanh" else "none")
 
-    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0) -> None:
+
+class Mlp(nn.Module):
+    """Dense → GELU → Dense, with dropout after each dense layer as in the paper; `act` picks the GELU."""
+
+    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0, act: str = "gelu") -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
-        self.act = nn.GELU()
+        self.act = gelu(act)
         self.drop1 = nn.Dropout(drop)
         self.fc2 = nn.Linear(hidden_dim, dim)
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+def set_activation(model: nn.Module, act: str) -> None:
+    """Switch every `Mlp` in `model` to the GELU `act` names, in place (GELU has no parameters)."""
+    for module in model.modules():
+        if isinstance(module, Mlp):
+            module.act = gelu(act)
 
 
 class DropPath(nn.Module):

@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from vitlab.errors import VitlabError
 from vitlab.models import checks
 from vitlab.models.family import Family
-from vitlab.models.layers import DropPath, Mlp, lecun_normal_, zero_head
+from vitlab.models.layers import ACTIVATIONS, DropPath, Mlp, lecun_normal_, set_activation, zero_head
 from vitlab.models.vit import PatchEmbed
 
 
@@ -43,9 +43,11 @@ class MixerConfig:
     dropout: float = 0.0
     drop_path: float = 0.0
     layer_norm_eps: float = 1e-6
+    act: str = "gelu"  # the MLPs' GELU: exact (timm), or `gelu_tanh` (Flax; what Google's `.npz` files load with)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "img_size", checks.image_size(self.img_size))
+        checks.require_choice("act", self.act, ACTIVATIONS)
         for name in ("patch_size", "in_chans", "embed_dim", "depth", "tokens_mlp_dim", "channels_mlp_dim"):
             checks.require_positive_int(name, getattr(self, name))
         checks.require_class_count(self.num_classes)
@@ -70,10 +72,10 @@ class MixerBlock(nn.Module):
         super().__init__()
         dim, eps = config.embed_dim, config.layer_norm_eps
         self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.mlp_tokens = Mlp(config.num_patches, config.tokens_mlp_dim, drop=config.dropout)
+        self.mlp_tokens = Mlp(config.num_patches, config.tokens_mlp_dim, drop=config.dropout, act=config.act)
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
-        self.mlp_channels = Mlp(dim, config.channels_mlp_dim, drop=config.dropout)
+        self.mlp_channels = Mlp(dim, config.channels_mlp_dim, drop=config.dropout, act=config.act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path(self.mlp_tokens(self.norm1(x).transpose(1, 2)).transpose(1, 2))
@@ -115,6 +117,12 @@ class MlpMixer(nn.Module):
         """Replace the head with a zero-initialised one, as the paper does before fine-tuning."""
         self.head = zero_head(self.num_features, num_classes)
         self.config = dataclasses.replace(self.config, num_classes=num_classes)
+
+    def set_numerics(self, act: str | None = None) -> None:
+        """Switch the MLPs' GELU in place, e.g. to compute as the library the loaded weights come from."""
+        if act is not None:
+            self.config = dataclasses.replace(self.config, act=act)
+            set_activation(self, act)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in the backward pass: less memory, more time."""

@@ -32,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 from vitlab.errors import VitlabError
 from vitlab.models import checks
 from vitlab.models.family import CROSS_ATTENTION, Family
-from vitlab.models.layers import Mlp, lecun_normal_, truncated_normal_, zero_head
+from vitlab.models.layers import ACTIVATIONS, Mlp, lecun_normal_, set_activation, truncated_normal_, zero_head
 from vitlab.models.vit import Block
 
 
@@ -54,9 +54,11 @@ class PerceiverConfig:
     max_resolution: int = 224
     share_weights: bool = True
     layer_norm_eps: float = 1e-5
+    act: str = "gelu"  # the dense blocks' GELU (`vitlab.models.layers.ACTIVATIONS`)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "img_size", checks.image_size(self.img_size))
+        checks.require_choice("act", self.act, ACTIVATIONS)
         for name in ("in_chans", "num_latents", "latent_dim", "num_cross_attends", "latent_blocks", "cross_heads",
                      "latent_heads", "num_bands", "max_resolution"):
             checks.require_positive_int(name, getattr(self, name))
@@ -154,7 +156,7 @@ class CrossAttendBlock(nn.Module):
         self.norm_inputs = nn.LayerNorm(config.input_channels, eps=eps)
         self.attn = CrossAttention(dim, config.input_channels, config.cross_attention_dim, config.cross_heads)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
-        self.mlp = Mlp(dim, config.mlp_dim)
+        self.mlp = Mlp(dim, config.mlp_dim, act=config.act)
 
     def keys_values(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.attn.keys_values(self.norm_inputs(inputs))
@@ -182,7 +184,8 @@ class Perceiver(nn.Module):
         self.cross_attends = nn.ModuleList(CrossAttendBlock(config) for _ in range(cross_count))
         tower_count = 1 if config.share_weights else config.num_cross_attends
         self.towers = nn.ModuleList(
-            nn.ModuleList(Block(dim, config.latent_heads, config.mlp_dim, True, 0.0, 0.0, 0.0, config.layer_norm_eps)
+            nn.ModuleList(Block(dim, config.latent_heads, config.mlp_dim, True, 0.0, 0.0, 0.0, config.layer_norm_eps,
+                                config.act)
                           for _ in range(config.latent_blocks))
             for _ in range(tower_count))
         self.num_features = dim
@@ -207,6 +210,12 @@ class Perceiver(nn.Module):
         """Replace the head with a zero-initialised one before fine-tuning."""
         self.head = zero_head(self.num_features, num_classes)
         self.config = dataclasses.replace(self.config, num_classes=num_classes)
+
+    def set_numerics(self, act: str | None = None) -> None:
+        """Switch the dense blocks' GELU in place (the parameters stay)."""
+        if act is not None:
+            self.config = dataclasses.replace(self.config, act=act)
+            set_activation(self, act)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in the backward pass; the cross-attention maps (N × H·W per image)

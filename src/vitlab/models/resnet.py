@@ -25,8 +25,13 @@ from vitlab.models.layers import DropPath
 
 STEMS = ("fixed", "same", "small")
 NUM_GROUPS = 32  # GroupNorm groups everywhere, as BiT
-GN_EPS = 1e-5
-WS_EPS = 1e-8  # timm's weight-standardisation epsilon; BiT's 1e-10 and Flax's 1e-5 differ by < 1e-6 in the logits
+# How weight standardisation and GroupNorm compute. `timm`: (w - mean) / sqrt(var + 1e-8), GroupNorm eps 1e-5, as
+# timm's StdConv2d/StdConv2dSame and GroupNormAct (BiT-PyTorch uses eps 1e-10). `flax`: (w - mean) / (std + 1e-5),
+# GroupNorm eps 1e-6, as vision_transformer's models_resnet.py (`weight_standardize`) and Flax's nn.GroupNorm, which
+# the hybrid's `.npz` files were trained and evaluated with.
+NUMERICS = ("timm", "flax")
+GN_EPS = {"timm": 1e-5, "flax": 1e-6}
+WS_EPS = {"timm": 1e-8, "flax": 1e-5}
 
 
 @dataclass(frozen=True)
@@ -37,7 +42,8 @@ class ResNetConfig:
     R50x1 has width 64). `stem`: `fixed` is BiT's 7×7/2 conv then a 3×3/2 max pool over a one-pixel zero pad;
     `same` is the ViT hybrid's, with TensorFlow SAME padding in every convolution and pool; `small` is a 3×3/1 conv
     without pooling, so 28–32 px inputs keep a useful feature map. `preact=False` gives the hybrid's
-    post-activation blocks. `img_size` is the size data is prepared at; a ResNet runs at any size.
+    post-activation blocks. `img_size` is the size data is prepared at; a ResNet runs at any size. `numerics` says
+    how weight standardisation and GroupNorm compute (`NUMERICS`): as timm, or as Google's Flax hybrid stem.
     """
 
     img_size: tuple[int, int] = (224, 224)
@@ -48,6 +54,7 @@ class ResNetConfig:
     stem: str = "fixed"
     preact: bool = True
     drop_path: float = 0.0
+    numerics: str = "timm"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", checks.block_counts("layers", self.layers))
@@ -60,6 +67,7 @@ class ResNetConfig:
             raise VitlabError(f"width must be a multiple of {NUM_GROUPS} (GroupNorm's groups), got {self.width}")
         checks.require_choice("stem", self.stem, STEMS)
         checks.require_bool("preact", self.preact)
+        checks.require_choice("numerics", self.numerics, NUMERICS)
 
     @property
     def stride(self) -> int:
@@ -82,18 +90,28 @@ def same_padding(x: torch.Tensor, kernel_size: int, stride: int, value: float = 
 
 class StdConv2d(nn.Conv2d):
     """A bias-free convolution whose kernel is standardised per output channel (zero mean, unit variance) at
-    every call, which is what lets GroupNorm replace BatchNorm without losing accuracy (BiT §3.3)."""
+    every call, which is what lets GroupNorm replace BatchNorm without losing accuracy (BiT §3.3).
+
+    `numerics` (`NUMERICS`, set by `ResNet.set_numerics`) picks timm's formula or the official Flax one."""
 
     def __init__(self, in_chans: int, out_chans: int, kernel_size: int, stride: int = 1, same: bool = False) -> None:
         super().__init__(in_chans, out_chans, kernel_size, stride=stride,
                          padding=0 if same else (kernel_size - 1) // 2, bias=False)
         self.same = same
+        self.numerics = "timm"  # set by ResNet.set_numerics
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def standardized_weight(self) -> torch.Tensor:
+        flat = self.weight.reshape(self.out_channels, -1)
+        if self.numerics == "flax":  # models_resnet.weight_standardize: w -= mean(w); w /= std(w) + eps
+            centred = flat - flat.mean(dim=1, keepdim=True)
+            std = centred.std(dim=1, correction=0, keepdim=True)
+            return (centred / (std + WS_EPS["flax"])).reshape_as(self.weight)
         # Normalising the kernel as a (1, out, in·k·k) batch standardises each output channel in one fused op,
         # with the arithmetic timm uses, so logits agree with timm's to float rounding on the same weights.
-        weight = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, training=True,
-                              eps=WS_EPS).reshape_as(self.weight)
+        return F.batch_norm(flat[None], None, None, training=True, eps=WS_EPS["timm"]).reshape_as(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.standardized_weight()
         if self.same:
             x = same_padding(x, self.kernel_size[0], self.stride[0])
         return F.conv2d(x, weight, None, self.stride, self.padding)
@@ -103,7 +121,7 @@ class GroupNormAct(nn.GroupNorm):
     """GroupNorm(32), optionally followed by ReLU (one module, as timm, so the weights keep timm's names)."""
 
     def __init__(self, channels: int, act: bool = True) -> None:
-        super().__init__(NUM_GROUPS, channels, eps=GN_EPS)
+        super().__init__(NUM_GROUPS, channels, eps=GN_EPS["timm"])
         self.act = act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -255,6 +273,7 @@ class ResNet(nn.Module):
         self.num_features = in_chans
         self.norm = GroupNormAct(in_chans) if config.preact else nn.Identity()  # pre-activation needs a last norm
         self.head = ClassifierHead(in_chans, config.num_classes)
+        self.set_numerics(config.numerics)
         self.init_weights()
 
     @property
@@ -274,6 +293,18 @@ class ResNet(nn.Module):
         for module in self.modules():
             if isinstance(module, Bottleneck):
                 nn.init.zeros_(module.norm3.weight)
+
+    def set_numerics(self, numerics: str | None = None) -> None:
+        """Compute weight standardisation and GroupNorm as timm or as the official Flax code (`NUMERICS`), in place;
+        the parameters stay as they are."""
+        if numerics is None:
+            return
+        self.config = dataclasses.replace(self.config, numerics=numerics)
+        for module in self.modules():
+            if isinstance(module, StdConv2d):
+                module.numerics = numerics
+            elif isinstance(module, GroupNormAct):
+                module.eps = GN_EPS[numerics]
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the head with a zero-initialised one, as BiT does before fine-tuning."""

@@ -17,9 +17,10 @@ from torch.utils.checkpoint import checkpoint
 from vitlab.errors import VitlabError
 from vitlab.models import checks
 from vitlab.models.family import ATTENTION, Family
-from vitlab.models.layers import (RESAMPLE_MODES, Attention, DropPath, Mlp, lecun_normal_,
-                                  resample_position_embedding, sincos_2d_position_embedding, zero_head)
-from vitlab.models.resnet import ResNet, ResNetConfig
+from vitlab.models.layers import (ACTIVATIONS, RESAMPLE_MODES, Attention, DropPath, Mlp, lecun_normal_,
+                                  resample_position_embedding, set_activation, sincos_2d_position_embedding,
+                                  zero_head)
+from vitlab.models.resnet import NUMERICS, ResNet, ResNetConfig
 
 POOLS = ("token", "gap")
 POSEMBS = ("learned", "sincos2d", "none")
@@ -50,6 +51,12 @@ class ViTConfig:
     # The hybrid (paper §3.1): the stages of a post-activation ResNet stem whose feature map is cut into patches,
     # e.g. (3, 4, 9) for R50+ViT-B/16 (stride 16, 1×1 patches); None is the pure ViT.
     hybrid_layers: tuple[int, ...] | None = None
+    # The MLPs' GELU (`ACTIVATIONS`): exact, as timm and Hugging Face, or `gelu_tanh`, as Google's Flax code, which
+    # is what models read from Google's `.npz` files use. The pre-logits layer is Dense + tanh either way.
+    act: str = "gelu"
+    # How the hybrid stem standardises its kernels and normalises (`vitlab.models.resnet.NUMERICS`): as timm, or
+    # `flax`, as the official models_resnet.py, which is what hybrids read from Google's `.npz` files use.
+    hybrid_numerics: str = "timm"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hybrid_layers",
@@ -65,6 +72,8 @@ class ViTConfig:
         checks.require_positive_number("layer_norm_eps", self.layer_norm_eps)
         checks.require_choice("pool", self.pool, POOLS)
         checks.require_choice("posemb", self.posemb, POSEMBS)
+        checks.require_choice("act", self.act, ACTIVATIONS)
+        checks.require_choice("hybrid_numerics", self.hybrid_numerics, NUMERICS)
         checks.require_choice("posemb_resample", self.posemb_resample, RESAMPLE_MODES)
         checks.require_grid(self.img_size, self.stride, "patch_size" if self.hybrid_layers is None
                             else "the hybrid's stride")
@@ -75,7 +84,7 @@ class ViTConfig:
         if self.hybrid_layers is None:
             return None
         return ResNetConfig(img_size=self.img_size, in_chans=self.in_chans, num_classes=0, layers=self.hybrid_layers,
-                            stem="same", preact=False)
+                            stem="same", preact=False, numerics=self.hybrid_numerics)
 
     @property
     def stride(self) -> int:
@@ -126,13 +135,13 @@ class Block(nn.Module):
     """Pre-norm transformer block: x + MSA(LN(x)), then x + MLP(LN(x))."""
 
     def __init__(self, dim: int, num_heads: int, mlp_dim: int, qkv_bias: bool, dropout: float,
-                 attn_dropout: float, drop_path: float, eps: float) -> None:
+                 attn_dropout: float, drop_path: float, eps: float, act: str = "gelu") -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_dropout, proj_drop=dropout)
         self.drop_path1 = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
-        self.mlp = Mlp(dim, mlp_dim, drop=dropout)
+        self.mlp = Mlp(dim, mlp_dim, drop=dropout, act=act)
         self.drop_path2 = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor, return_attention: bool = False
@@ -182,7 +191,7 @@ class VisionTransformer(nn.Module):
         drop_rates = [config.drop_path * i / max(config.depth - 1, 1) for i in range(config.depth)]
         self.blocks = nn.ModuleList(
             Block(dim, config.num_heads, config.mlp_dim, config.qkv_bias, config.dropout, config.attn_dropout,
-                  rate, config.layer_norm_eps)
+                  rate, config.layer_norm_eps, config.act)
             for rate in drop_rates)
         self.norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
         self.pre_logits = PreLogits(dim, config.representation_size) if config.representation_size else None
@@ -219,6 +228,16 @@ class VisionTransformer(nn.Module):
         """Replace the head with a zero-initialised one, as the paper does before fine-tuning."""
         self.head = zero_head(self.num_features, num_classes)
         self.config = dataclasses.replace(self.config, num_classes=num_classes)
+
+    def set_numerics(self, act: str | None = None, hybrid_numerics: str | None = None) -> None:
+        """Switch the MLPs' GELU and the hybrid stem's standardisation in place (the parameters stay), e.g. to
+        compute as the library the loaded weights come from."""
+        changes = {name: value for name, value in (("act", act), ("hybrid_numerics", hybrid_numerics))
+                   if value is not None}
+        self.config = dataclasses.replace(self.config, **changes)
+        set_activation(self, self.config.act)
+        if isinstance(self.patch_embed, HybridEmbed):
+            self.patch_embed.backbone.set_numerics(self.config.hybrid_numerics)
 
     def grid_size_for(self, height: int, width: int) -> tuple[int, int]:
         stride = self.config.stride

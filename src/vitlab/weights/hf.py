@@ -44,6 +44,10 @@ _RENAMES: list[tuple[str, str]] = [
     (r"classifier\.(weight|bias)", r"head.\1"),
 ]
 _QKV = {"query": 0, "q": 0, "key": 1, "k": 1, "value": 2, "v": 2}
+# HF `hidden_act` names ⇄ vitlab's `act`: "gelu_pytorch_tanh" (and the older "gelu_new", the same formula) is the
+# tanh approximation Google's Flax code uses; "gelu" is the exact one.
+_HIDDEN_ACT = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
+_HF_ACT = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
 
 
 def looks_like_hf(keys: set[str]) -> bool:
@@ -144,7 +148,7 @@ def config_to_hf(config: ViTConfig) -> dict[str, Any]:
         "num_hidden_layers": config.depth,
         "num_attention_heads": config.num_heads,
         "intermediate_size": config.mlp_dim,
-        "hidden_act": "gelu",
+        "hidden_act": _HF_ACT[config.act],
         "hidden_dropout_prob": config.dropout,
         "attention_probs_dropout_prob": config.attn_dropout,
         "initializer_range": 0.02,
@@ -168,8 +172,10 @@ def config_fields(data: dict[str, Any], source: str) -> dict[str, Any]:
     """ViTConfig fields from a HF `config.json` (classes and pre-logits come from the weights instead)."""
     if data.get("model_type", "vit") != "vit":
         raise VitlabError(f"{source}: model_type {data.get('model_type')!r} is not a HF ViT")
-    if data.get("hidden_act", "gelu") != "gelu":
-        raise VitlabError(f"{source}: hidden_act {data.get('hidden_act')!r}; vitlab's ViT uses exact GELU")
+    hidden_act = data.get("hidden_act", "gelu")
+    if not isinstance(hidden_act, str) or hidden_act not in _HIDDEN_ACT:
+        raise VitlabError(f"{source}: hidden_act {hidden_act!r} is not supported; vitlab's ViT computes "
+                          f"{', '.join(repr(name) for name in _HIDDEN_ACT)}")
     if data.get("pooler_act", "tanh") != "tanh":
         raise VitlabError(f"{source}: pooler_act {data.get('pooler_act')!r}; vitlab's pre-logits use tanh")
     patch = data.get("patch_size", 16)
@@ -192,6 +198,7 @@ def config_fields(data: dict[str, Any], source: str) -> dict[str, Any]:
             "attn_dropout": float(data.get("attention_probs_dropout_prob", 0.0)),
             "pool": "token",
             "posemb": "learned",
+            "act": _HIDDEN_ACT[hidden_act],
         }
     except (TypeError, ValueError) as error:
         raise VitlabError(f"{source}: invalid value in HF config ({error})") from None

@@ -39,7 +39,10 @@ MODEL_PREFIX = "model/"  # training checkpoints: the weights to use; other prefi
 RUN_FILES = ("best.safetensors", "last.safetensors")
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 # What `load_model(path, model_name)` takes from the file rather than from the named model.
-_FILE_FIELDS_WITH_NAME = ("num_classes", "img_size", "representation_size", "pool", "qkv_bias")
+_FILE_FIELDS_WITH_NAME = ("num_classes", "img_size", "representation_size", "pool", "qkv_bias", "act",
+                          "hybrid_numerics")
+# How a model computes beyond its parameters; `load_weights` gives the model the file's (see `_apply_numerics`).
+_NUMERICS_FIELDS = ("act", "hybrid_numerics", "numerics")
 # Head weights: a linear head, and the ResNet's 1×1-convolution head (timm's and BiT's).
 _HEAD_WEIGHTS = ("head.weight", "head.fc.weight")
 
@@ -88,6 +91,7 @@ def read_weights(path: str | os.PathLike[str]) -> WeightFile:
             return _mixer_file(path, "npz", *mixer.to_state_dict(arrays, source))
         state, fields, grid = npz.to_state_dict(arrays, source)
         return WeightFile(path, "npz", state, fields, _complete_config(fields, source), grid, "official")
+    metadata: dict[str, str] = {}
     if suffix == ".safetensors":
         tensors, metadata = read_safetensors(path)
         if CONFIG_METADATA_KEY in metadata:
@@ -104,14 +108,19 @@ def read_weights(path: str | os.PathLike[str]) -> WeightFile:
         state, file_format = timm.to_state_dict(tensors, source), "timm"
     elif resnet.looks_like_timm(keys):
         state = timm.strip_wrapper_prefix(tensors)
-        return _resnet_file(path, "timm", state, resnet.config_from_state_dict(state, source))
+        numerics = timm.numerics_from_metadata(metadata, ResNetConfig, source)
+        return _resnet_file(path, "timm", state,
+                            dataclasses.replace(resnet.config_from_state_dict(state, source), **numerics))
     elif mixer.looks_like_timm(keys):
         state = timm.strip_wrapper_prefix(tensors)
-        return _mixer_file(path, "timm", state, mixer.config_from_state_dict(state, source))
+        numerics = timm.numerics_from_metadata(metadata, MixerConfig, source)
+        return _mixer_file(path, "timm", state,
+                           dataclasses.replace(mixer.config_from_state_dict(state, source), **numerics))
     else:
         raise VitlabError(f"{path}: keys match neither timm nor Hugging Face ViT, nor timm's BiT ResNet or "
                           f"MLP-Mixer: {describe_keys(sorted(keys))}")
     fields, grid = _shape_fields(state, source)
+    fields.update(timm.numerics_from_metadata(metadata, ViTConfig, source))
     return WeightFile(path, file_format, state, fields, None, grid)
 
 
@@ -300,9 +309,23 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str], *, reset_head: 
 
     The position embedding is resampled to the model's grid. A head (or pre-logits layer) that does not fit the
     model is refused unless `reset_head`, which drops it and zeroes the model's head, as for fine-tuning.
-    `strict=False` tolerates missing and unexpected keys; differing shapes are always an error.
+    `strict=False` tolerates missing and unexpected keys; differing shapes are always an error. The model then
+    computes as the weights' source does: the tanh GELU (and, in a hybrid, the Flax weight standardisation) for
+    Google's `.npz`, the exact GELU for timm and Hugging Face, the recorded config for vitlab files.
     """
-    return _load_into(model, read_weights(path), reset_head, strict)
+    file = read_weights(path)
+    _load_into(model, file, reset_head, strict)
+    _apply_numerics(model, file)
+    return model
+
+
+def _apply_numerics(model: nn.Module, file: WeightFile) -> None:
+    """Switch the model to the file's activation and weight standardisation where they differ."""
+    config = getattr(model, "config", None)
+    changes = {name: file.fields[name] for name in _NUMERICS_FIELDS
+               if name in file.fields and getattr(config, name, file.fields[name]) != file.fields[name]}
+    if changes and hasattr(model, "set_numerics"):
+        model.set_numerics(**changes)
 
 
 def load_model(path: str | os.PathLike[str], model_name: str | None = None, **overrides: Any) -> nn.Module:
@@ -401,14 +424,14 @@ def save_weights(model: nn.Module, path: str | os.PathLike[str], format: str = "
 
 def _write_timm_keys(path: Path, state: dict[str, torch.Tensor], config: Any) -> None:
     """vitlab's ResNet and Mixer keys are timm's."""
-    write_safetensors(path, state, {"format": "pt"})
+    write_safetensors(path, state, timm.metadata(config))
 
 
 # How each family's weights are written in each foreign format (every family writes vitlab files): a family's
 # checkpoint mapping, with its reading counterpart in `read_weights`.
 _WRITERS: dict[str, dict[str, Callable[[Path, dict[str, torch.Tensor], Any], None]]] = {
     "vit": {"timm": lambda path, state, config: write_safetensors(path, timm.from_state_dict(state, config),
-                                                                 {"format": "pt"}),
+                                                                 timm.metadata(config)),
             "npz": lambda path, state, config: npz.write_npz(path, npz.from_state_dict(state, config)),
             "hf": hf.write_directory},
     "resnet": {"timm": _write_timm_keys,

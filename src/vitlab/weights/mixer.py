@@ -12,12 +12,13 @@ config has to be read from the shapes. The Flax names map one to one onto those 
     head/{kernel,bias}  (absent when the model was built without classes) → head
 The same key prefixes as the ViT files are accepted (`opt/target/`, `params/`, ...), and bfloat16 arrays.
 
-Flax's `nn.gelu` is the tanh approximation; vitlab and timm use the exact GELU, as vitlab's ViT does for the ViT
-checkpoints, so logits equal timm's on the same weights and differ from a JAX run by that approximation only.
+Flax's `nn.gelu` is the tanh approximation, so a Mixer read from `.npz` gets `act="gelu_tanh"` and computes as the
+official code; one read from timm keeps timm's exact GELU.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from typing import Any
@@ -28,7 +29,7 @@ import torch
 from vitlab.errors import VitlabError
 from vitlab.models.mixer import MixerConfig
 from vitlab.weights.files import describe_keys
-from vitlab.weights.npz import PREFIXES, _Reader, _tensor
+from vitlab.weights.npz import GOOGLE_NUMERICS, PREFIXES, _Reader, _tensor, warn_unless_google_numerics
 
 MARKER = "MixerBlock_0/token_mixing/Dense_0/kernel"
 _DENSE = (("token_mixing", "mlp_tokens"), ("channel_mixing", "mlp_channels"))
@@ -119,11 +120,13 @@ def _convert(reader: _Reader, arrays: dict[str, np.ndarray], source: str
         state["head.bias"] = _tensor(reader.take("head/bias").reshape(-1))
 
     reader.check_all_used("MLP-Mixer")
-    return state, config_from_state_dict(state, source)
+    return state, dataclasses.replace(config_from_state_dict(state, source), **GOOGLE_NUMERICS)
 
 
 def from_state_dict(state: dict[str, torch.Tensor], config: MixerConfig) -> dict[str, np.ndarray]:
-    """A vitlab Mixer state dict as arrays under the official Flax names (float32)."""
+    """A vitlab Mixer state dict as arrays under the official Flax names (float32); warns when the model computes
+    otherwise than the official code will on them."""
+    warn_unless_google_numerics(config)
     def array(key: str) -> np.ndarray:
         return state[key].detach().to("cpu", torch.float32).numpy()
 

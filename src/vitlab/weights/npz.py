@@ -6,6 +6,10 @@ top-level `pos_embedding` without a class-token row, optionally one scanned `enc
 leading depth axis), the `opt/target/`, `params/` and `params/img/` prefixes, and bfloat16 arrays, and the
 hybrid's ResNet stem (`conv_root`, `block{s}/unit{u}/...`, as in `R50+ViT-B_16.npz`). Writing produces the VT/AugReg
 layout, which is what the official repository's `checkpoint.load` reads.
+
+The official code computes with Flax's default (tanh-approximated) GELU and, in the hybrid's stem, its own weight
+standardisation, so a model read from `.npz` gets `act="gelu_tanh"` (and `hybrid_numerics="flax"`), and writing a
+model that computes otherwise warns that the file will be read that way.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import warnings
 from typing import Any
 
 import numpy as np
@@ -28,6 +33,8 @@ PREFIXES = ("", "opt/target/", "params/", "params/img/")
 # (attention, MLP, second LayerNorm) sub-module indices inside an encoder block.
 _VT_SUBMODULES = (1, 3, 2)
 _BV_SUBMODULES = (0, 0, 1)
+# What Google's Flax code computes with, as config fields: `nn.gelu` defaults to the tanh approximation.
+GOOGLE_NUMERICS = {"act": "gelu_tanh"}
 
 
 def read_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
@@ -315,7 +322,10 @@ def _convert(reader: _Reader, arrays: dict[str, np.ndarray], source: str
         "mlp_dim": state["blocks.0.mlp.fc1.weight"].shape[0], "qkv_bias": qkv_bias,
         "pool": "token" if class_token else "gap", "posemb": "learned" if posemb_key else "sincos2d",
         "representation_size": representation_size, "num_classes": num_classes, "hybrid_layers": hybrid_layers,
+        **GOOGLE_NUMERICS,
     }
+    if hybrid_layers is not None:
+        fields["hybrid_numerics"] = "flax"
     if grid is not None:
         stride = patch * (1 if hybrid_layers is None else ResNetConfig(layers=hybrid_layers, stem="same").stride)
         fields["img_size"] = (grid[0] * stride, grid[1] * stride)
@@ -325,8 +335,23 @@ def _convert(reader: _Reader, arrays: dict[str, np.ndarray], source: str
     return state, fields, grid
 
 
+def warn_unless_google_numerics(config: Any) -> None:
+    """One warning line when a model written to `.npz` computes otherwise than the official code, which (like
+    vitlab) reads the file with the tanh GELU and the Flax weight standardisation."""
+    differ = []
+    if getattr(config, "act", "gelu_tanh") != "gelu_tanh":
+        differ.append(f"act={config.act!r} (the official code and vitlab read .npz with 'gelu_tanh')")
+    if getattr(config, "hybrid_layers", None) is not None and config.hybrid_numerics != "flax":
+        differ.append(f"hybrid_numerics={config.hybrid_numerics!r} (.npz hybrids are read with 'flax')")
+    if differ:
+        warnings.warn(f"the .npz file cannot record {' and '.join(differ)}: its logits will differ slightly from "
+                      "this model's", stacklevel=3)
+
+
 def from_state_dict(state: dict[str, torch.Tensor], config: ViTConfig) -> dict[str, np.ndarray]:
-    """A vitlab state dict as VT/AugReg-layout arrays (float32, pre-linen names)."""
+    """A vitlab state dict as VT/AugReg-layout arrays (float32, pre-linen names); warns when the model computes
+    otherwise than the official code will on them."""
+    warn_unless_google_numerics(config)
     def array(key: str) -> np.ndarray:
         return state[key].detach().to("cpu", torch.float32).numpy()
 

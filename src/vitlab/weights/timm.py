@@ -2,14 +2,25 @@
 
 vitlab uses timm's module names, so the map is the identity for the plain ViT. What needs care is what timm
 can express and vitlab cannot (and back): those are refused with the reason rather than silently dropped.
+
+A state dict holds no activation. timm computes with the exact GELU, so timm weights load with it; a model that
+uses the tanh GELU (one read from Google's `.npz`) is written with safetensors metadata `act_layer="gelu_tanh"`,
+timm's name for it (`timm.create_model(name, act_layer="gelu_tanh")` for a ViT, `act_layer=GELUTanh` for a Mixer),
+which vitlab reads back. A hybrid or ResNet that standardises its kernels as the Flax code does is recorded as
+`weight_std="flax"`, which timm's StdConv2d cannot compute: writing it warns.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
+from typing import Any
+
 import torch
 
 from vitlab.errors import VitlabError
+from vitlab.models.layers import ACTIVATIONS
+from vitlab.models.resnet import NUMERICS, ResNetConfig
 from vitlab.models.vit import ViTConfig
 
 # Key fragments of timm ViT variants whose computation vitlab's ViT does not have.
@@ -81,3 +92,47 @@ def from_state_dict(state: dict[str, torch.Tensor], config: ViTConfig) -> dict[s
         raise VitlabError("timm's VisionTransformer learns its position embedding; this model uses fixed "
                           "sincos2d embeddings, which a timm state dict cannot express")
     return dict(state)
+
+
+def _numerics_field(config: Any) -> str | None:
+    """The config field that says how a ResNet (or a hybrid's stem) standardises its kernels, if it has one."""
+    if isinstance(config, ResNetConfig):
+        return "numerics"
+    if isinstance(config, ViTConfig) and config.hybrid_layers is not None:
+        return "hybrid_numerics"
+    return None
+
+
+def metadata(config: Any) -> dict[str, str]:
+    """safetensors metadata for a timm-layout file of `config`'s model: what a state dict cannot say about how it
+    computes. Warns (one line) when timm cannot compute it."""
+    out = {"format": "pt"}
+    act = getattr(config, "act", "gelu")
+    if act != "gelu":
+        out["act_layer"] = act  # timm's get_act_layer knows "gelu_tanh"
+    field = _numerics_field(config)
+    if field is not None and getattr(config, field) != "timm":
+        out["weight_std"] = getattr(config, field)
+        warnings.warn(f"timm's StdConv2d cannot compute {field}={getattr(config, field)!r} (the official Flax weight "
+                      "standardisation); the file records it for vitlab, timm's logits will differ slightly",
+                      stacklevel=3)
+    return out
+
+
+def numerics_from_metadata(metadata: dict[str, str], config_type: type, source: str) -> dict[str, str]:
+    """The config fields a timm-layout file's metadata sets (see `metadata`); timm's defaults when it has none."""
+    fields = {}
+    if config_type is not ResNetConfig:
+        act = metadata.get("act_layer", "gelu")
+        if act not in ACTIVATIONS:
+            raise VitlabError(f"{source}: metadata act_layer={act!r} is not supported; vitlab computes "
+                              f"{', '.join(repr(name) for name in ACTIVATIONS)}")
+        fields["act"] = act
+    weight_std = metadata.get("weight_std", "timm")
+    if weight_std not in NUMERICS:
+        raise VitlabError(f"{source}: metadata weight_std={weight_std!r} is not one of {NUMERICS}")
+    if config_type is ResNetConfig:
+        fields["numerics"] = weight_std
+    elif config_type is ViTConfig:
+        fields["hybrid_numerics"] = weight_std
+    return fields
