@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from vitlab.atomic import open_regular
 from vitlab.errors import VitlabError
 from vitlab.train.config import FINETUNE_DEFAULTS, TrainConfig, config_from_json, override, recipe_config
 
@@ -111,7 +112,8 @@ def checkpoint_train_config(path: Path) -> TrainConfig | None:
     if not record.exists():
         return None
     try:
-        data = json.loads(record.read_bytes())
+        with open_regular(record) as handle:  # a FIFO is refused, not waited on
+            data = json.loads(handle.read())
     except (OSError, ValueError, RecursionError) as error:  # ValueError: not JSON, or not UTF-8
         raise VitlabError(f"{record}: unreadable run record: {error}") from None
     if not isinstance(data, dict):

@@ -122,9 +122,14 @@ def read_weights(path: str | os.PathLike[str]) -> WeightFile:
 
 def _vitlab_file(path: Path, tensors: dict[str, torch.Tensor], config_json: str) -> WeightFile:
     try:
-        config = config_from_dict(json.loads(config_json), source=str(path))
-    except json.JSONDecodeError as error:
-        raise VitlabError(f"{path}: metadata {CONFIG_METADATA_KEY!r} is not valid JSON ({error})") from None
+        data = json.loads(config_json)
+    except (ValueError, RecursionError) as error:  # not JSON, or nested beyond what the parser recurses into
+        detail = "nested too deeply" if isinstance(error, RecursionError) else str(error)
+        raise VitlabError(f"{path}: metadata {CONFIG_METADATA_KEY!r} is not valid JSON ({detail})") from None
+    if not isinstance(data, dict):
+        raise VitlabError(f"{path}: metadata {CONFIG_METADATA_KEY!r} must be a JSON object, got "
+                          f"{type(data).__name__}")
+    config = config_from_dict(data, source=str(path))
     if any("/" in key for key in tensors):  # a training checkpoint: model/, optim/, ema/, train/ ...
         tensors = {key[len(MODEL_PREFIX):]: value for key, value in tensors.items() if key.startswith(MODEL_PREFIX)}
         if not tensors:
@@ -363,6 +368,7 @@ def _uninitialised_model(config: Any, file: WeightFile, reset_head: bool) -> nn.
 
     The file is checked against the model's shapes before anything is allocated, so a config that does not
     describe the file's tensors (a corrupt or hostile one, say with a width of 10^11) is refused, not built."""
+    _check_sizes(config, file)
     blocks = {key.split(".")[1] for key in file.state_dict if key.startswith("blocks.")}
     if blocks and getattr(config, "depth", len(blocks)) != len(blocks):  # before building depth-many blocks
         raise VitlabError(f"{file.path} does not fit the model: its weights hold {len(blocks)} blocks, the model "
@@ -378,6 +384,35 @@ def _uninitialised_model(config: Any, file: WeightFile, reset_head: bool) -> nn.
     if any(name not in persistent for name, _ in model.named_buffers()):
         return build_model(config)  # non-persistent buffers are computed at construction, not loaded
     return model.to_empty(device="cpu")
+
+
+# Upper bounds on the sizes a config may ask for before anything is built, far above every published model and far
+# below what exhausts memory: fields not listed are widths. A size no tensor holds (the image size that fixes a
+# sin-cos table, a Perceiver's Fourier bands) is bounded only here; the others also meet the tensors' shapes in the
+# check on the storage-less model.
+_SIZE_BOUNDS = {"img_size": 4096, "max_resolution": 4096, "patch_size": 1024, "in_chans": 1024,
+                "num_classes": 1 << 20, "depth": 256, "latent_blocks": 256, "num_cross_attends": 256,
+                "hybrid_layers": 256, "layers": 256, "num_bands": 4096}
+_WIDTH_BOUND = 1 << 16
+_TOKEN_BOUND = 1 << 16  # patches per image at the configured size (ViT, Mixer)
+
+
+def _check_sizes(config: Any, file: WeightFile) -> None:
+    """Refuse a config (the file's, with any overrides) that asks for a size beyond `_SIZE_BOUNDS`, or more than
+    `_TOKEN_BOUND` tokens per image, naming the field: a hostile header would otherwise build GBs of tables."""
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        if not all(isinstance(item, int) and not isinstance(item, bool) for item in values):
+            continue
+        bound = _SIZE_BOUNDS.get(field.name, _WIDTH_BOUND)
+        if any(item > bound for item in values):
+            raise VitlabError(f"{file.path}: {field.name} {value} exceeds the supported {bound:,}; refused before "
+                              "building the model")
+    grid = getattr(config, "grid_size", None)  # ViT and Mixer: the patch grid their tables are built for
+    if grid is not None and grid[0] * grid[1] > _TOKEN_BOUND:
+        raise VitlabError(f"{file.path}: img_size {config.img_size} makes a {grid[0]}x{grid[1]} patch grid, more "
+                          f"than the supported {_TOKEN_BOUND:,} tokens per image; refused before building the model")
 
 
 def save_weights(model: nn.Module, path: str | os.PathLike[str], format: str = "vitlab") -> Path:
