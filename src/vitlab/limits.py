@@ -50,12 +50,13 @@ DEVICE_TYPES = ("cpu", "cuda", "mps")
 
 
 def check_value(option: str, name: str, value: Any) -> None:
-    """Refuse a number outside RANGES[name]; other types are left to TrainConfig's own checks."""
+    """Refuse a number outside RANGES[name]; other types, and NaN or infinity, are left to TrainConfig's checks."""
     limits = RANGES.get(name)
     if limits is None or isinstance(value, bool) or not isinstance(value, (int, float)):
         return
-    if (isinstance(value, float) and not math.isfinite(value)) or not limits.contains(value) or (
-            limits.whole and isinstance(value, float) and not value.is_integer()):
+    if isinstance(value, float) and not math.isfinite(value):
+        return
+    if not limits.contains(value) or (limits.whole and isinstance(value, float) and not value.is_integer()):
         raise VitlabError(f"{option}: {name} must be {limits.describe()}, got {printable(value)}")
 
 

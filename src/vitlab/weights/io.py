@@ -386,28 +386,22 @@ def _uninitialised_model(config: Any, file: WeightFile, reset_head: bool) -> nn.
     return model.to_empty(device="cpu")
 
 
-# Upper bounds on the sizes a config may ask for before anything is built, far above every published model and far
-# below what exhausts memory: fields not listed are widths. A size no tensor holds (the image size that fixes a
-# sin-cos table, a Perceiver's Fourier bands) is bounded only here; the others also meet the tensors' shapes in the
-# check on the storage-less model.
-_SIZE_BOUNDS = {"img_size": 4096, "max_resolution": 4096, "patch_size": 1024, "in_chans": 1024,
-                "num_classes": 1 << 20, "depth": 256, "latent_blocks": 256, "num_cross_attends": 256,
-                "hybrid_layers": 256, "layers": 256, "num_bands": 4096}
-_WIDTH_BOUND = 1 << 16
+# Upper bounds on the sizes a config may ask for that no tensor holds: the image size (which fixes a sin-cos table
+# and the grid a learned position embedding is resampled to), a Perceiver's Fourier resolution and how often its
+# shared weights are applied. Far above every published model, far below what exhausts memory or time. Every other
+# size meets the file's tensors: the block count below, the rest on the model without storage.
+_SIZE_BOUNDS = {"img_size": 4096, "max_resolution": 4096, "num_cross_attends": 256}
 _TOKEN_BOUND = 1 << 16  # patches per image at the configured size (ViT, Mixer)
 
 
 def _check_sizes(config: Any, file: WeightFile) -> None:
-    """Refuse a config (the file's, with any overrides) that asks for a size beyond `_SIZE_BOUNDS`, or more than
-    `_TOKEN_BOUND` tokens per image, naming the field: a hostile header would otherwise build GBs of tables."""
-    for field in dataclasses.fields(config):
-        value = getattr(config, field.name)
+    """Refuse a config (the file's, with any overrides) that asks for a size beyond `_SIZE_BOUNDS` or more than
+    `_TOKEN_BOUND` patches per image, before anything is built or resampled: no tensor in the file would catch it."""
+    for name, bound in _SIZE_BOUNDS.items():
+        value = getattr(config, name, None)
         values = value if isinstance(value, (tuple, list)) else (value,)
-        if not all(isinstance(item, int) and not isinstance(item, bool) for item in values):
-            continue
-        bound = _SIZE_BOUNDS.get(field.name, _WIDTH_BOUND)
-        if any(item > bound for item in values):
-            raise VitlabError(f"{file.path}: {field.name} {value} exceeds the supported {bound:,}; refused before "
+        if any(isinstance(item, int) and item > bound for item in values):
+            raise VitlabError(f"{file.path}: {name} {value} exceeds the supported {bound:,}; refused before "
                               "building the model")
     grid = getattr(config, "grid_size", None)  # ViT and Mixer: the patch grid their tables are built for
     if grid is not None and grid[0] * grid[1] > _TOKEN_BOUND:
