@@ -2,18 +2,27 @@
 
 from vitlab.errors import VitlabError
 
+try:
+    from vitlab.models import create_model, list_models
+except KeyboardInterrupt:
+    # Ctrl-C while `python -m vitlab` (argv[0] is "-m" until its __main__ runs) or the `vitlab` script imports
+    # torch: the command line's one line and exit 130, as its main() gives later; a program importing vitlab
+    # handles its own interrupts.
+    import os
+    import sys
+
+    if sys.argv[:1] != ["-m"] and os.path.basename(sys.argv[0]) != "vitlab":
+        raise
+    print("vitlab: interrupted", file=sys.stderr)
+    raise SystemExit(130) from None
+
 __version__ = "0.1.0"
 
 __all__ = ["VitlabError", "create_model", "list_models", "load_weights", "save_weights", "__version__"]
 
 
 def __getattr__(name: str):
-    # The models import torch and the weight converters numpy/safetensors machinery: load them only when asked
-    # for, so `python -m vitlab` reaches its command line (and its Ctrl-C handling) before any heavy import.
-    if name in ("create_model", "list_models"):
-        from vitlab import models
-
-        return getattr(models, name)
+    # The weight converters import numpy/safetensors machinery; load them only when asked for.
     if name in ("load_weights", "save_weights"):
         from vitlab import weights
 
