@@ -4,6 +4,11 @@ vitlab writes every whole file through this module (weights, checkpoints, ONNX g
 indexes), so a kill or a full disk never leaves a half-written file where a reader expects a finished one. Shards
 are staged under their own temporary names, and `metrics.jsonl` is appended line by line (a resumed run drops a
 torn last line).
+
+The writers never rename over anything but a regular file (or a link, which is replaced, never written through),
+and give their files the mode `open()` would. `check_regular_target` refuses an output a user names that is a
+link, a special file or one of the inputs; `open_regular` and `regular_file` keep readers off FIFOs and devices,
+which would block a read forever or never end it.
 """
 
 from __future__ import annotations
@@ -56,14 +61,12 @@ def _replacing(path: Path, suffix: str) -> Iterator[Path]:
         descriptor, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     except OSError as error:
         raise _naming(error, path) from None
-    try:
-        os.fchmod(descriptor, _new_file_mode(path))
-    finally:
-        os.close(descriptor)
+    os.close(descriptor)
     try:
         yield Path(name)
         with open(name, "rb+") as written:  # whoever wrote it has closed it; its data reaches the disk first
             os.fsync(written.fileno())
+        os.chmod(name, _new_file_mode(path))  # only now: a read-only mode must not stop the writing
         _refuse_special(path)
         os.replace(name, path)
     except OSError as error:
@@ -140,11 +143,12 @@ _KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
 
 
 def _refuse_special(path: Path, found: os.stat_result | None = None, reading: bool = False) -> None:
-    """Refuse `path` when it exists as anything but a regular file or (unless `found` says otherwise) a link."""
+    """Refuse `path` (`found` being its stat, when known) if it exists as neither a regular file nor a link: a
+    directory with the IsADirectoryError that writing it would give, anything else with a VitlabError."""
     if found is None:
         try:
             found = os.lstat(path)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # absent: creating it reports a file in the way
             return
     if stat.S_ISREG(found.st_mode) or stat.S_ISLNK(found.st_mode):
         return
