@@ -3,8 +3,21 @@
 import importlib
 
 from vitlab.errors import VitlabError
-from vitlab.factory import create_model
-from vitlab.models import list_models
+
+try:
+    from vitlab.factory import create_model
+    from vitlab.models import list_models
+except KeyboardInterrupt:
+    # Ctrl-C while `python -m vitlab` (argv[0] is "-m" until its __main__ runs) or the `vitlab` script imports
+    # torch: the command line's one line and exit 130, as its main() gives later; a program importing vitlab
+    # handles its own interrupts.
+    import os
+    import sys
+
+    if sys.argv[:1] != ["-m"] and os.path.basename(sys.argv[0]) != "vitlab":
+        raise
+    print("vitlab: interrupted", file=sys.stderr)
+    raise SystemExit(130) from None
 
 __version__ = "0.1.0"
 

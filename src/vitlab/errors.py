@@ -7,3 +7,10 @@ class VitlabError(ValueError):
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; training stopped and the last good checkpoint is kept."""
+
+
+def printable(text: object) -> str:
+    """`text` with every non-printable character (newlines, ANSI escapes, undecodable bytes) written as its Python
+    escape, so a hostile class or file name cannot split a one-line message or drive the terminal."""
+    return "".join(char if char.isprintable() else char.encode("unicode_escape", "backslashreplace").decode("ascii")
+                   for char in str(text))

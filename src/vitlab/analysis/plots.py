@@ -26,6 +26,12 @@ from vitlab.errors import VitlabError
 HEATMAP = "jet"
 
 
+def literal(text: object) -> str:
+    """`text` as Matplotlib draws it literally: every `$` escaped, so a name such as `$\\frac$.png` is not parsed as
+    mathtext (which would raise on drawing, or render something else)."""
+    return str(text).replace("$", r"\$")
+
+
 def _numpy(values: torch.Tensor | np.ndarray) -> np.ndarray:
     if isinstance(values, torch.Tensor):
         return values.detach().float().cpu().numpy()
@@ -91,7 +97,7 @@ def plot_rollout(images: torch.Tensor, rollout: torch.Tensor, path: str | Path, 
         grid[0, index].set_xticks([])
         grid[0, index].set_yticks([])
         if titles is not None:
-            grid[0, index].set_title(str(titles[index]), fontsize=8)
+            grid[0, index].set_title(literal(titles[index]), fontsize=8)
         _overlay(grid[1, index], images[index], maps[index], mean, std)
     grid[0, 0].set_ylabel("input")
     grid[1, 0].set_ylabel("rollout")
@@ -121,7 +127,7 @@ def plot_layer_attention(layer_maps: torch.Tensor, path: str | Path, head: int, 
             continue
         drawn = _overlay(axes, image, maps[index], mean, std, vmax=top)
         axes.set_title(f"layer {index + 1}", fontsize=8)
-    figure.suptitle(f"{label}, head {head}")
+    figure.suptitle(literal(f"{label}, head {head}"))
     if drawn is not None:
         figure.colorbar(drawn, ax=grid.ravel().tolist(), shrink=0.9, label="attention weight")
     return _save(figure, path)
@@ -245,7 +251,7 @@ def plot_cross_attention(image: torch.Tensor, maps: torch.Tensor, latents: torch
         for column, latent in enumerate(chosen[row], start=2):
             _overlay(grid[row, column], None, values[row, latent], mean, std)
             grid[row, column].set_title(f"latent {latent}", fontsize=7)
-    figure.suptitle(title, fontsize=9)
+    figure.suptitle(literal(title), fontsize=9)
     figure.tight_layout()
     return _save(figure, path)
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vitlab.errors import VitlabError
-from vitlab.weights import FORMATS, load_model, save_weights
+from vitlab.atomic import check_regular_target
+from vitlab.errors import VitlabError, printable
+from vitlab.weights import FORMATS, hf, load_model, save_weights
+from vitlab.weights.io import resolve_path
 
 _BY_SUFFIX = {".safetensors": "vitlab", ".npz": "npz", "": "hf"}
 
@@ -35,14 +37,28 @@ def output_format(output: Path, requested: str | None) -> str:
     return _BY_SUFFIX[suffix]
 
 
+def check_output(output: Path, fmt: str, source: str) -> None:
+    """Before any work: refuse an output that is a link, a special file or the input itself (a run directory's
+    checkpoint included), which would be replaced rather than written, or lose what the conversion drops."""
+    inputs = (source, resolve_path(source))
+    if fmt != "hf":
+        check_regular_target(output, *inputs)
+        return
+    if output.is_symlink():
+        check_regular_target(output)
+    for name in (hf.WEIGHTS_NAME, hf.CONFIG_NAME):  # a Hugging Face directory: the files written into it
+        check_regular_target(output / name, *inputs)
+
+
 def run(args: argparse.Namespace) -> int:
     output = Path(args.output)
     fmt = output_format(output, args.to)
+    check_output(output, fmt, args.input)
     overrides = {"img_size": args.img_size} if args.img_size is not None else {}
     model = load_model(args.input, args.model, **overrides)
     save_weights(model, output, fmt)
     config = model.config
     parameters = sum(parameter.numel() for parameter in model.parameters())
-    print(f"wrote {output} ({fmt}): {type(model).__name__} with {parameters:,} parameters, "
+    print(f"wrote {printable(output)} ({fmt}): {type(model).__name__} with {parameters:,} parameters, "
           f"{config.img_size[0]}x{config.img_size[1]} px, {config.num_classes} classes")
     return 0

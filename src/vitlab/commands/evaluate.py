@@ -13,7 +13,7 @@ from vitlab.atomic import atomic_path
 from vitlab.commands import positive_int
 from vitlab.train.run_dir import checkpoint_train_config
 from vitlab.data import EvalTransform, load_dataset, match_channels
-from vitlab.errors import VitlabError
+from vitlab.errors import VitlabError, printable
 from vitlab.eval.metrics import confusion_matrix, evaluate
 from vitlab.train.loop import select_device
 
@@ -87,8 +87,8 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(record))
     else:
-        print(f"{source} on {dataset} ({len(test)} images): top-1 {result.top1:.2%}  top-5 {result.top5:.2%}  "
-              f"loss {result.loss:.4f}\nconfusion matrix: {out / 'confusion.png'}")
+        print(f"{printable(source)} on {printable(dataset)} ({len(test)} images): top-1 {result.top1:.2%}  "
+              f"top-5 {result.top5:.2%}  loss {result.loss:.4f}\nconfusion matrix: {printable(out / 'confusion.png')}")
     return 0
 
 
@@ -97,6 +97,8 @@ def _plot_confusion(matrix: torch.Tensor, classes: tuple[str, ...], path: Path) 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from vitlab.analysis.plots import literal
 
     path.parent.mkdir(parents=True, exist_ok=True)
     size = max(4.0, 0.45 * len(classes) + 2)
@@ -110,8 +112,9 @@ def _plot_confusion(matrix: torch.Tensor, classes: tuple[str, ...], path: Path) 
                 if value:
                     axis.text(col, row, value, ha="center", va="center", fontsize=7,
                               color="white" if normalised[row, col] > 0.5 else "black")
-        axis.set_xticks(range(len(classes)), classes, rotation=60, ha="right", fontsize=8)
-        axis.set_yticks(range(len(classes)), classes, fontsize=8)
+        labels = [literal(name) for name in classes]
+        axis.set_xticks(range(len(classes)), labels, rotation=60, ha="right", fontsize=8)
+        axis.set_yticks(range(len(classes)), labels, fontsize=8)
     axis.set_xlabel("predicted")
     axis.set_ylabel("true")
     figure.tight_layout()
@@ -172,5 +175,5 @@ def run_predict(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({"image": str(path), "top": [{"class": n, "prob": p} for n, p in ranked]}))
         else:
-            print(f"{path}: " + ", ".join(f"{n} {p:.1%}" for n, p in ranked))
+            print(f"{printable(path)}: " + ", ".join(f"{printable(n)} {p:.1%}" for n, p in ranked))
     return 0

@@ -7,6 +7,8 @@ import argparse
 import numpy as np
 import torch
 
+from vitlab.atomic import check_regular_target
+from vitlab.errors import printable
 from vitlab.export import INPUT_NAME, export_int8_onnx, export_onnx, require_onnxruntime, writable_path
 
 
@@ -26,9 +28,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from vitlab.weights import load_model
+    from vitlab.weights.io import resolve_path
 
     ort = require_onnxruntime()
-    out = writable_path(args.out)
+    out = check_regular_target(writable_path(args.out), args.checkpoint, resolve_path(args.checkpoint))
     model = load_model(args.checkpoint, model_name=args.model).eval()
     if args.int8:
         export_int8_onnx(model, out)
@@ -40,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         expected = model(images).numpy()
     got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {INPUT_NAME: images.numpy()})[0]
     kind = "int8" if args.int8 else "fp32"
-    print(f"wrote {out} (ONNX, {kind}, {out.stat().st_size / 2 ** 20:.1f} MiB); on 2 random "
+    print(f"wrote {printable(out)} (ONNX, {kind}, {out.stat().st_size / 2 ** 20:.1f} MiB); on 2 random "
           f"{config.img_size[0]}x{config.img_size[1]} images max |onnx - torch fp32| = "
           f"{float(np.abs(got - expected).max()):.2e}")
     return 0

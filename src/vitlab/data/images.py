@@ -4,8 +4,6 @@ before a single pixel is decoded (a small PNG can declare 1 × 150,000,000 pixel
 from __future__ import annotations
 
 import io
-import os
-import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +12,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from vitlab.atomic import open_regular as open_regular_file
 from vitlab.errors import VitlabError
 
 READ_ERRORS = (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError, SyntaxError)
@@ -41,20 +40,14 @@ class ImageLimits:
 
 
 def open_regular(path: str | Path) -> BinaryIO:
-    """Open a regular file for reading. Opened non-blocking and checked with fstat, so a FIFO, device or directory
-    named like an image is refused at once instead of hanging or reading forever."""
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    """`vitlab.atomic.open_regular` with an image reader's error: a FIFO, device or directory named like an image
+    is refused at once instead of hanging or reading forever."""
     try:
-        descriptor = os.open(path, flags)
+        return open_regular_file(path)
+    except (VitlabError, IsADirectoryError):
+        raise VitlabError(f"{path}: cannot read image (not a regular file)") from None
     except OSError as error:
         raise VitlabError(f"{path}: cannot read image ({error.strerror or error})") from None
-    try:
-        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
-            raise VitlabError(f"{path}: cannot read image (not a regular file)")
-        return os.fdopen(descriptor, "rb")
-    except BaseException:
-        os.close(descriptor)
-        raise
 
 
 def _check_size(image: Image.Image, where: str | Path, limits: ImageLimits) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from vitlab.atomic import atomic_write
+from vitlab.atomic import atomic_write, open_regular
 from vitlab.errors import VitlabError
 from vitlab.train import checkpoint as ckpt
 from vitlab.train.config import TrainConfig, config_from_json
@@ -34,7 +34,8 @@ def read_record(path: Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
     try:
-        data = json.loads(path.read_bytes())
+        with open_regular(path) as handle:  # a FIFO is refused, not waited on
+            data = json.loads(handle.read())
     except (OSError, ValueError, RecursionError) as error:  # ValueError: not JSON, or not UTF-8
         raise VitlabError(f"{path}: unreadable run record: {error}") from None
     if not isinstance(data, dict):

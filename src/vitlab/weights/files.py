@@ -15,7 +15,7 @@ import safetensors
 import safetensors.torch
 import torch
 
-from vitlab.atomic import atomic_writer
+from vitlab.atomic import atomic_writer, open_regular, regular_file
 from vitlab.errors import VitlabError
 
 # Keys under which training scripts commonly nest a state dict inside a `.pth`/`.bin` file.
@@ -33,6 +33,7 @@ def write_safetensors(path: str | os.PathLike[str], tensors: Mapping[str, torch.
 
 def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """All tensors of a safetensors file on CPU, and its string metadata (empty when it has none)."""
+    regular_file(path)  # safetensors maps the file by name; a FIFO would block it forever
     try:
         with safetensors.safe_open(str(path), framework="pt", device="cpu") as reader:
             metadata = dict(reader.metadata() or {})
@@ -49,12 +50,11 @@ def load_torch_tensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
 
     A file whose pickle names any callable other than tensor rebuilders is refused, never executed.
     """
+    handle = open_regular(path)  # never a FIFO or device, which would block or never end
     try:
-        with warnings.catch_warnings():
+        with handle, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the unpickler warns about pickle protocols before refusing a file
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
+            loaded = torch.load(handle, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - a malformed file raises anything (IndexError, OSError, ...)
         raise VitlabError(f"{path}: refused to load: not a plain tensor file that torch.load(weights_only=True) "
                           f"accepts ({_load_failure(error)})") from None

@@ -18,12 +18,13 @@ import math
 import os
 import re
 import warnings
+import zipfile
 from typing import Any
 
 import numpy as np
 import torch
 
-from vitlab.atomic import atomic_writer
+from vitlab.atomic import atomic_writer, open_regular
 from vitlab.errors import VitlabError
 from vitlab.models.resnet import ResNetConfig
 from vitlab.models.vit import ViTConfig
@@ -35,21 +36,43 @@ _VT_SUBMODULES = (1, 3, 2)
 _BV_SUBMODULES = (0, 0, 1)
 # What Google's Flax code computes with, as config fields: `nn.gelu` defaults to the tanh approximation.
 GOOGLE_NUMERICS = {"act": "gelu_tanh"}
+# What the members of an archive may expand to, in all: this many times the archive's size, plus a floor for small
+# archives. Weights hardly compress (float32 deflates by about a tenth), so only a zip bomb comes near it.
+_EXPANSION, _EXPANSION_FLOOR = 16, 64 << 20
 
 
 def read_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
-    """The raw arrays of an `.npz` file, read without pickle."""
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in data.files}
-    except FileNotFoundError:
-        raise
-    except Exception as error:  # noqa: BLE001 - a malformed archive or .npy header raises anything (TokenError, ...)
-        raise VitlabError(f"{path}: not a readable .npz file ({type(error).__name__}: {error})") from None
+    """The raw arrays of an `.npz` file, read without pickle, once its members' sizes are known to be sane."""
+    with open_regular(path) as handle:  # never a FIFO or device, which would block or never end
+        _check_expansion(handle, path)
+        try:
+            with np.load(handle, allow_pickle=False) as data:
+                arrays = {key: data[key] for key in data.files}
+        except Exception as error:  # noqa: BLE001 - a malformed archive or .npy header raises anything (TokenError)
+            raise VitlabError(f"{path}: not a readable .npz file ({type(error).__name__}: {error})") from None
     stray = sorted(key for key, value in arrays.items() if not isinstance(value, np.ndarray))
     if stray:  # a zip member without the .npy suffix is returned as raw bytes
         raise VitlabError(f"{path}: member(s) that are not .npy arrays: {describe_keys(stray)}")
     return arrays
+
+
+def _check_expansion(handle: Any, path: str | os.PathLike[str]) -> None:
+    """Refuse an archive whose members declare more uncompressed bytes than `_EXPANSION` times its size (plus
+    `_EXPANSION_FLOOR`), before any member is decompressed: a zip bomb of a few MB would otherwise be inflated into
+    GBs of arrays. zipfile stops a member at its declared size, so the declared sizes bound what is read."""
+    size = os.fstat(handle.fileno()).st_size
+    try:
+        members = zipfile.ZipFile(handle).infolist()
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as error:
+        raise VitlabError(f"{path}: not a readable .npz file (not a zip archive: {error})") from None
+    bound = _EXPANSION * size + _EXPANSION_FLOOR
+    declared = 0
+    for member in members:
+        declared += member.file_size
+        if declared > bound:
+            raise VitlabError(f"{path}: member {member.filename!r} declares {member.file_size:,} uncompressed bytes, "
+                              f"{declared:,} in all: more than {bound:,} for a {size:,}-byte archive (a zip bomb?)")
+    handle.seek(0)
 
 
 def to_float32(array: np.ndarray, key: str, source: str) -> np.ndarray:
