@@ -9,16 +9,16 @@ repeats, so drift on a shared machine hits all of them alike; ratios to timm are
 absolute img/s. 2 threads (`--threads`), `torch.inference_mode()` for inference. On a CPU with bf16 matrix
 instructions (AMX-BF16 or AVX512-BF16, `vitlab.precision.cpu_bf16_units`) every row runs in fp32 and again under
 bf16 autocast, every PyTorch contender alike, and each row's share of the peak is of the matmul peak of its own
-precision, both timed at the start of the run; elsewhere the rows are fp32 (`--precisions` chooses). A training step is
-zero_grad, forward, cross-entropy, backward and AdamW (PyTorch's default implementation) on the bare model, the
-same for every library. Achieved GFLOP/s divide the FLOPs `torch.utils.flop_counter` counts (matmuls,
-convolutions and attention; forward + backward for training) by the time, and are compared with a square matmul
-in the row's precision timed the same way at the start of the run. A training step's memory is measured in a fresh subprocess per
+precision, both timed at the start of the run; elsewhere the rows are fp32 (`--precisions` chooses). A training step
+is zero_grad, forward, cross-entropy, backward and AdamW (PyTorch's default implementation) on the bare model, the
+same for every library. Achieved GFLOP/s divide the FLOPs `torch.utils.flop_counter` counts (matmuls, convolutions
+and attention; forward + backward for training) by the time, and are compared with a square matmul in the row's
+precision timed the same way at the start of the run. A training step's memory is measured in a fresh subprocess per
 library: the peak resident set size during two steps (VmHWM, reset just before them) minus the size before them
 (model, inputs and optimizer built, freed heap memory handed back by `malloc_trim`), i.e. activations, gradients,
-AdamW state and workspace. tracemalloc does not see torch's CPU tensors; the RSS peak does. The timed rows run
-with glibc told to keep freed memory (`vitlab.allocator`, as the `vitlab` command does), for all three libraries:
-without it, repeated page faults decide some rows rather than the models (README, Performance).
+AdamW state and workspace. tracemalloc does not see torch's CPU tensors; the RSS peak does. The timed rows run with
+glibc told to keep freed memory (`vitlab.allocator`, as the `vitlab` command does), for all three libraries: without
+it, repeated page faults decide some rows rather than the models (README, Performance).
 
 On a GPU (`--device cuda`) the same rows run with CUDA synchronised around every timing, optionally under bf16
 autocast (`--bf16`, so SDPA can take its flash kernel) and with every library's model compiled (`--compile`); the
