@@ -82,7 +82,7 @@ def test_precision_is_chosen_reported_and_forced(trained: Path, tmp_path: Path,
     assert tops[0]["prob"] == pytest.approx(tops[1]["prob"], abs=0.05)
     assert main(train_args(tmp_path / "fp32", "--subset", "128", "--set", "amp=fp32")) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0] == "precision: fp32 (amp=fp32)" and json.loads(lines[-1])["precision"] == "fp32"
+    assert lines[0] == "precision: fp32, amp=fp32" and json.loads(lines[-1])["precision"] == "fp32"
 
 
 def test_unreadable_image_is_named(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -143,7 +143,7 @@ def _fit(config: TrainConfig, resume: bool) -> int:
     trainer = Trainer(config, resume=resume)
     precision = describe_precision(trainer.autocast, trainer.device)
     if os.environ.get("RANK", "0") == "0":  # torchrun's other processes stay quiet, as after the run
-        print(f"precision: {precision} (amp={config.amp})", flush=True)
+        print(f"precision: {precision}, amp={config.amp}", flush=True)
     try:
         result = trainer.fit()
     finally:
