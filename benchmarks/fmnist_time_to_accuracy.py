@@ -57,12 +57,13 @@ def with_patch_dropout(recipe: str, rate: float = 0.5) -> dict[str, Any]:
 
 # name -> the stages it trains, each (recipe, overrides); a later stage starts from the one before it
 VITLAB_RUNS: dict[str, list[tuple[str, dict[str, Any]]]] = {
-    "vitlab": [("fmnist-vit", {}), ("fmnist-finetune", {})],
+    # fp32 like the timm loop, whatever amp=auto would choose on this CPU
+    "vitlab": [("fmnist-vit", {"amp": "fp32"}), ("fmnist-finetune", {"amp": "fp32"})],
     # 16 tokens an image instead of 9: 19 epochs see as many tokens as the recipe's 33, so the schedule ends in time
-    "vitlab-28px": [("fmnist-vit", {"img_size": FULL_SIZE, "epochs": 19})],
+    "vitlab-28px": [("fmnist-vit", {"img_size": FULL_SIZE, "epochs": 19, "amp": "fp32"})],
     "vitlab-patch-dropout": [
-        ("fmnist-vit", {"img_size": FULL_SIZE, **with_patch_dropout("fmnist-vit")}),
-        ("fmnist-finetune", {"model_overrides": {"patch_dropout": 0.0}})],
+        ("fmnist-vit", {"img_size": FULL_SIZE, **with_patch_dropout("fmnist-vit"), "amp": "fp32"}),
+        ("fmnist-finetune", {"model_overrides": {"patch_dropout": 0.0}, "amp": "fp32"})],
     "vitlab-bf16": [("fmnist-vit", {"amp": "bf16"})],
     "vitlab-long": [("fmnist-vit-long", {"amp": "bf16"})],
     "vitlab-long-21px": [("fmnist-vit-long", {"amp": "bf16", "img_size": 21})],

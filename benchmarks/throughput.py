@@ -1,20 +1,24 @@
 """Throughput of vitlab against timm and Hugging Face on identical weights: inference and full training steps.
 
     python benchmarks/throughput.py [--models vit-ti16 vit-s16 fmnist-vit] [--repeats 3] [--json PATH] [--quick]
+                                    [--precisions fp32 bf16]
     python benchmarks/throughput.py --device cuda [--bf16] [--compile]     # on a GPU
 
 Every row runs its contenders interleaved (A, B, C, A, B, C, ...) after a warm-up and reports the median of the
 repeats, so drift on a shared machine hits all of them alike; ratios to timm are the numbers to compare, not
-absolute img/s. fp32, 2 threads (`--threads`), `torch.inference_mode()` for inference. A training step is
-zero_grad, forward, cross-entropy, backward and AdamW (PyTorch's default implementation) on the bare model, the
-same for every library. Achieved GFLOP/s divide the FLOPs `torch.utils.flop_counter` counts (matmuls,
-convolutions and attention; forward + backward for training) by the time, and are compared with a square fp32
-matmul timed the same way at the start of the run. A training step's memory is measured in a fresh subprocess per
+absolute img/s. 2 threads (`--threads`), `torch.inference_mode()` for inference. On a CPU with bf16 matrix
+instructions (AMX-BF16 or AVX512-BF16, `vitlab.precision.cpu_bf16_units`) every row runs in fp32 and again under
+bf16 autocast, every PyTorch contender alike, and each row's share of the peak is of the matmul peak of its own
+precision, both timed at the start of the run; elsewhere the rows are fp32 (`--precisions` chooses). A training step
+is zero_grad, forward, cross-entropy, backward and AdamW (PyTorch's default implementation) on the bare model, the
+same for every library. Achieved GFLOP/s divide the FLOPs `torch.utils.flop_counter` counts (matmuls, convolutions
+and attention; forward + backward for training) by the time, and are compared with a square matmul in the row's
+precision timed the same way at the start of the run. A training step's memory is measured in a fresh subprocess per
 library: the peak resident set size during two steps (VmHWM, reset just before them) minus the size before them
 (model, inputs and optimizer built, freed heap memory handed back by `malloc_trim`), i.e. activations, gradients,
-AdamW state and workspace. tracemalloc does not see torch's CPU tensors; the RSS peak does. The timed rows run
-with glibc told to keep freed memory (`vitlab.allocator`, as the `vitlab` command does), for all three libraries:
-without it, repeated page faults decide some rows rather than the models (README, Performance).
+AdamW state and workspace. tracemalloc does not see torch's CPU tensors; the RSS peak does. The timed rows run with
+glibc told to keep freed memory (`vitlab.allocator`, as the `vitlab` command does), for all three libraries: without
+it, repeated page faults decide some rows rather than the models (README, Performance).
 
 On a GPU (`--device cuda`) the same rows run with CUDA synchronised around every timing, optionally under bf16
 autocast (`--bf16`, so SDPA can take its flash kernel) and with every library's model compiled (`--compile`); the
@@ -54,6 +58,7 @@ from vitlab.allocator import keep_freed_memory
 from vitlab.models.layers import sincos_2d_position_embedding
 from vitlab.models.registry import model_config
 from vitlab.models.vit import ViTConfig, VisionTransformer
+from vitlab.precision import cpu_bf16_units
 from vitlab.train.config import recipe_config
 
 DEFAULT_THREADS = 2
@@ -393,12 +398,13 @@ class Settings:
     memory: bool = True
     libraries: tuple[str, ...] = LIBRARIES
     device: torch.device = torch.device("cpu")
-    bf16: bool = False  # bf16 autocast for the PyTorch contenders
+    bf16: bool = False  # bf16 autocast for the PyTorch contenders in this pass
     compile: bool = False  # torch.compile every PyTorch contender's model
+    precisions: tuple[str, ...] = ("fp32",)  # one pass over the models per precision, in this order
 
     @property
-    def dtype(self) -> torch.dtype:
-        return torch.bfloat16 if self.bf16 else torch.float32
+    def precision(self) -> str:
+        return "bf16" if self.bf16 else "fp32"
 
 
 @dataclass
@@ -406,6 +412,7 @@ class Row:
     model: str
     mode: str
     batch: int
+    precision: str = "fp32"
     img_s: dict[str, float] = field(default_factory=dict)
     ratio_to_timm: dict[str, float] = field(default_factory=dict)
     gflop_per_img: dict[str, float] = field(default_factory=dict)
@@ -438,7 +445,7 @@ def bench_model(spec: Spec, settings: Settings, peak: float, folder: Path) -> tu
     for mode, batch in [("infer", b) for b in settings.infer_batches] + [("train", settings.train_batch(spec))]:
         train = mode == "train"
         active = {name: c for name, c in contenders.items() if c.trainable or not train}
-        row = Row(spec.key, mode, batch)
+        row = Row(spec.key, mode, batch, settings.precision)
         row.gflop_per_img = {name: flops[name, train] / 1e9 for name in active}
         x, y = images(spec, batch, device=device)
         if train:
@@ -466,7 +473,7 @@ def bench_model(spec: Spec, settings: Settings, peak: float, folder: Path) -> tu
                 row.memory_ratio_to_timm = {name: mb / row.step_memory_mb["timm"]
                                             for name, mb in row.step_memory_mb.items()}
         rows.append(row)
-        print(f"  {spec.key} {mode} batch {batch}: " + ", ".join(
+        print(f"  {spec.key} {mode} batch {batch} {settings.precision}: " + ", ".join(
             f"{name} {rate:.1f} img/s" for name, rate in row.img_s.items()), flush=True)
     return rows, info
 
@@ -485,7 +492,8 @@ def machine(threads: int, device: torch.device = torch.device("cpu")) -> dict[st
         except ImportError:
             versions[name] = None
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "gpu": gpu, "versions": versions}
+    return {"cpu": cpu, "cpu_bf16_units": cpu_bf16_units(), "cores": os.cpu_count(), "threads": threads, "gpu": gpu,
+            "versions": versions}
 
 
 LABELS = {"vitlab": "vitlab", "timm": "timm", "hf": "HF", "vitlab-int8": "vitlab int8"}
@@ -497,18 +505,19 @@ def _cell(values: dict[str, float], name: str, fmt: str, suffix: str = "") -> st
 
 
 def markdown(rows: list[Row], libraries: tuple[str, ...]) -> str:
-    """img/s per library, ratios to timm, vitlab's and timm's GFLOP/s (share of the matmul peak), step memory."""
+    """img/s per library, ratios to timm, vitlab's and timm's GFLOP/s (share of the matmul peak of the row's
+    precision), step memory."""
     present = [name for name in libraries if any(name in row.img_s for row in rows)]
     others = [name for name in present if name != "timm"]
     trained = [name for name in present if any(name in row.step_memory_mb for row in rows)]
-    header = (["model", "run", "batch"] + [f"{LABELS[name]} img/s" for name in present]
+    header = (["model", "run", "batch", "precision"] + [f"{LABELS[name]} img/s" for name in present]
               + [f"{LABELS[name]}/timm" for name in others]
               + [f"{LABELS[name]} GFLOP/s (% of peak)" for name in ("vitlab", "timm") if name in present])
     if trained:
         header += ["step memory MB (" + " / ".join(LABELS[name] for name in trained) + ")", "memory vitlab/timm"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        cells = [row.model, row.mode, str(row.batch)]
+        cells = [row.model, row.mode, str(row.batch), row.precision]
         cells += [_cell(row.img_s, name, ".1f") for name in present]
         cells += [_cell(row.ratio_to_timm, name, ".2f", "×") for name in others]
         cells += [f"{row.gflops[name]:.0f} ({row.peak_share[name]:.0%})" if name in row.gflops else "—"
@@ -525,17 +534,26 @@ def run(models: list[str], settings: Settings, json_path: Path) -> dict[str, Any
     torch.set_num_threads(settings.threads)
     started = time.perf_counter()
     load_before = os.getloadavg()
-    peak = matmul_peak(settings.peak_size, max(settings.repeats, 3), settings.warmup, settings.target_s,
-                       settings.device, settings.dtype)
-    precision = "bf16" if settings.bf16 else "fp32"
-    print(f"{precision} matmul peak ({settings.peak_size}², {settings.device}, {settings.threads} threads): "
-          f"{peak:.1f} GFLOP/s", flush=True)
+    peaks = {}
+    for precision in settings.precisions:
+        peaks[precision] = matmul_peak(settings.peak_size, max(settings.repeats, 3), settings.warmup,
+                                       settings.target_s, settings.device,
+                                       torch.bfloat16 if precision == "bf16" else torch.float32)
+        print(f"{precision} matmul peak ({settings.peak_size}², {settings.device}, {settings.threads} threads): "
+              f"{peaks[precision]:.1f} GFLOP/s", flush=True)
     rows: list[Row] = []
     models_info: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="vitlab-bench-") as folder:
         for key in models:
-            spec_rows, models_info[key] = bench_model(SPECS[key], settings, peak, Path(folder))
-            rows.extend(spec_rows)
+            for index, precision in enumerate(settings.precisions):
+                # ONNX Runtime's int8 does not change with autocast: timed in the first pass only
+                libraries = settings.libraries if index == 0 else tuple(
+                    name for name in settings.libraries if name != "vitlab-int8")
+                spec_rows, info = bench_model(
+                    SPECS[key], dataclasses.replace(settings, bf16=precision == "bf16", libraries=libraries),
+                    peaks[precision], Path(folder))
+                models_info.setdefault(key, info)
+                rows.extend(spec_rows)
     notes = sorted({note for info in models_info.values() for note in info["notes"]})
     notes += [("training step: zero_grad + forward + cross-entropy + backward + AdamW on the bare model (no vitlab "
                "Trainer); FLOPs from torch.utils.flop_counter at batch 1 × batch (matmuls, convolutions, attention), "
@@ -544,10 +562,13 @@ def run(models: list[str], settings: Settings, json_path: Path) -> dict[str, Any
                if settings.device.type == "cuda" else
                "step memory: peak RSS growth over two steps in a fresh process per library (activations, gradients, "
                "AdamW state, workspace), measured sequentially after the timings")]
-    if settings.bf16 or settings.compile:
-        notes.append(f"{precision}{' autocast' if settings.bf16 else ''}"
-                     f"{', torch.compile on every PyTorch model' if settings.compile else ''}; "
-                     f"matmul peak in {precision}")
+    if "bf16" in settings.precisions:
+        units = f" (CPU has {cpu_bf16_units()})" if settings.device.type == "cpu" and cpu_bf16_units() else ""
+        notes.append(f"bf16 rows: every PyTorch contender under bf16 autocast{units}; their % of peak is of the "
+                     f"bf16 matmul peak of this run ({peaks['bf16']:.0f} GFLOP/s)")
+    if settings.compile:
+        notes.append("torch.compile on every PyTorch model")
+    precision = "+".join(settings.precisions)
     result = {
         "date": datetime.date.today().isoformat(), "machine": machine(settings.threads, settings.device),
         "device": str(settings.device), "precision": precision, "compile": settings.compile,
@@ -555,7 +576,8 @@ def run(models: list[str], settings: Settings, json_path: Path) -> dict[str, Any
         "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32},
         "repeats": settings.repeats,
         "load_average_before": load_before, "load_average_after": os.getloadavg(),
-        "matmul_peak_gflops": peak, "matmul_size": settings.peak_size, "wall_s": time.perf_counter() - started,
+        "matmul_peak_gflops": peaks[settings.precisions[0]], "matmul_peak_gflops_by_precision": peaks,
+        "matmul_size": settings.peak_size, "wall_s": time.perf_counter() - started,
         "models": models_info, "notes": notes, "rows": [dataclasses.asdict(row) for row in rows]}
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(result, indent=1))
@@ -584,7 +606,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="torch and ONNX Runtime threads")
     parser.add_argument("--no-memory", action="store_true", help="skip the training-step memory subprocesses")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the PyTorch models (GPU runs)")
+    parser.add_argument("--precisions", nargs="+", choices=("fp32", "bf16"),
+                        help="one pass per precision (default: fp32 and bf16 on a CPU with AMX-BF16 or "
+                             "AVX512-BF16, else fp32)")
+    parser.add_argument("--bf16", action="store_true", help="bf16 rows only (same as --precisions bf16)")
     parser.add_argument("--compile", action="store_true", help="torch.compile every PyTorch model")
     parser.add_argument("--memory-probe", nargs=3, metavar=("LIBRARY", "MODEL", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -592,9 +617,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.device = torch.device(args.device)
     except RuntimeError as error:
         parser.error(f"--device {args.device!r}: {error}")
+    if args.bf16 and args.precisions:
+        parser.error("--bf16 and --precisions: give one of them")
     if args.device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available on this machine")
     return args
+
+
+def run_precisions(args: argparse.Namespace) -> tuple[str, ...]:
+    """The passes to run: as asked, else fp32 and bf16 on a CPU with bf16 matrix instructions, else fp32."""
+    if args.precisions:
+        return tuple(dict.fromkeys(args.precisions))
+    if args.bf16:
+        return ("bf16",)
+    if args.device.type == "cpu" and cpu_bf16_units() is not None:
+        return ("fp32", "bf16")
+    return ("fp32",)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
@@ -605,8 +643,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         print(json.dumps(memory_probe(library, key, int(batch), args.bf16)))
         return None
     keep_freed_memory()  # as the vitlab CLI does; one process, so every library's rows run with it
-    target = {"threads": args.threads, "memory": not args.no_memory, "device": args.device, "bf16": args.bf16,
-              "compile": args.compile,
+    precisions = run_precisions(args)
+    target = {"threads": args.threads, "memory": not args.no_memory, "device": args.device,
+              "bf16": precisions[0] == "bf16", "precisions": precisions, "compile": args.compile,
               # int8 is ONNX Runtime on the CPU: beside a GPU's rows it would time another machine
               "libraries": tuple(name for name in LIBRARIES if args.device.type == "cpu" or name != "vitlab-int8")}
     if args.quick:

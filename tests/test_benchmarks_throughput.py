@@ -22,7 +22,8 @@ def bench():
 
 def test_quick_run_writes_rows_and_ratios(bench, tmp_path, capsys) -> None:
     path = tmp_path / "throughput.json"
-    bench.main(["--quick", "--models", "fmnist-vit", "--threads", "1", "--no-memory", "--json", str(path)])
+    bench.main(["--quick", "--models", "fmnist-vit", "--threads", "1", "--no-memory", "--precisions", "fp32",
+                "--json", str(path)])
     result = json.loads(path.read_text())
     assert [(row["model"], row["mode"], row["batch"]) for row in result["rows"]] == [
         ("fmnist-vit", "infer", 1), ("fmnist-vit", "infer", 2), ("fmnist-vit", "train", 4)]
@@ -42,6 +43,25 @@ def test_quick_run_writes_rows_and_ratios(bench, tmp_path, capsys) -> None:
     assert any(note.startswith("HF:") for note in info["notes"])  # HF has no GAP: said, not hidden
     out = capsys.readouterr().out
     assert "| fmnist-vit | train | 4 |" in out and "vitlab/timm" in out
+
+
+@pytest.mark.parametrize("units", ["AVX512-BF16", None])
+def test_bf16_rows_beside_fp32_where_the_cpu_has_bf16_units(bench, tmp_path, monkeypatch, units) -> None:
+    """By default a CPU with bf16 units gets a bf16 pass after the fp32 one, each row set against the matmul peak of
+    its own precision; a CPU without them gets fp32 only."""
+    monkeypatch.setattr(bench, "cpu_bf16_units", lambda: units)
+    path = tmp_path / "default.json"
+    bench.main(["--quick", "--models", "fmnist-vit", "--threads", "1", "--no-memory", "--json", str(path)])
+    result = json.loads(path.read_text())
+    expected = ["fp32", "bf16"] if units else ["fp32"]
+    assert [row["precision"] for row in result["rows"]] == [p for p in expected for _ in range(3)]
+    assert list(result["matmul_peak_gflops_by_precision"]) == expected
+    for row in result["rows"]:
+        peak = result["matmul_peak_gflops_by_precision"][row["precision"]]
+        assert row["peak_share"]["vitlab"] == pytest.approx(row["gflops"]["vitlab"] / peak)
+        assert ("vitlab-int8" in row["img_s"]) == (row["precision"] == "fp32" and row["mode"] == "infer")
+        assert row["ratio_to_timm"]["timm"] == 1.0
+    assert any(note.startswith("bf16 rows:") for note in result["notes"]) == bool(units)
 
 
 def test_memory_probe_measures_a_training_step(bench) -> None:

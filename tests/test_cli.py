@@ -9,10 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from helpers import one_error_line
 from vitlab.cli import main
+from vitlab.precision import resolve_amp
 
 TINY = '{"embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_dim": 64, "patch_size": 4}'
 
@@ -54,6 +56,33 @@ def test_predict_any_image_mode(trained: Path, tmp_path: Path, capsys: pytest.Ca
     lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
     assert len(lines) == 4 and all(len(line["top"]) == 2 for line in lines)
     assert lines[0]["top"][0]["class"] in [str(d) for d in range(10)]
+
+
+def test_precision_is_chosen_reported_and_forced(trained: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """`--amp` on eval, fewshot and predict, `--set amp=` on train; `auto` resolves as `vitlab.precision` says."""
+    auto = "bf16" if resolve_amp("auto", torch.device("cpu")) else "fp32"
+    capsys.readouterr()
+    records = {}
+    for amp in ("auto", "bf16", "fp32"):
+        assert main(["eval", str(trained), "--json", "--amp", amp]) == 0
+        records[amp] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert records["fp32"]["precision"] == "fp32" and records["bf16"]["precision"].startswith("bf16 autocast")
+    assert records["auto"]["precision"] == records[auto]["precision"]
+    assert records["auto"]["top1"] == records[auto]["top1"]
+    assert abs(records["bf16"]["top1"] - records["fp32"]["top1"]) < 0.05
+    assert main(["fewshot", str(trained), "--shots", "2", "--seeds", "1", "--json", "--amp", "fp32"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["precision"] == "fp32"
+    image = tmp_path / "digit.png"
+    Image.fromarray(np.full((8, 8), 200, dtype=np.uint8), mode="L").save(image)
+    tops = []
+    for amp in ("bf16", "fp32"):
+        assert main(["predict", str(trained), str(image), "--json", "--amp", amp]) == 0
+        tops.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["top"][0])
+    assert tops[0]["prob"] == pytest.approx(tops[1]["prob"], abs=0.05)
+    assert main(train_args(tmp_path / "fp32", "--subset", "128", "--set", "amp=fp32")) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "precision: fp32, amp=fp32" and json.loads(lines[-1])["precision"] == "fp32"
 
 
 def test_unreadable_image_is_named(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

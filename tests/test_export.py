@@ -13,8 +13,17 @@ import torch
 import vitlab
 from helpers import one_error_line, random_model
 from vitlab.cli import main
+from vitlab.commands import export as export_command
 from vitlab.data.datasets import load_dataset
-from vitlab.export import INPUT_NAME, OnnxRuntimeModel, export_onnx, quantize_model
+from vitlab.export import (
+    INPUT_NAME,
+    OnnxRuntimeModel,
+    bf16_against_int8,
+    export_onnx,
+    quantize,
+    quantize_model,
+    torch_int8_model,
+)
 from vitlab.models.vit import ViTConfig, VisionTransformer
 
 
@@ -89,6 +98,30 @@ def test_int8_agrees_with_fp32(ort: ModuleType, digits_model: tuple[VisionTransf
     assert (quantized(larger) - expected).norm() / expected.norm() < 0.05
 
 
+def test_torch_int8_agrees_with_fp32(digits_model: tuple[VisionTransformer, torch.Tensor, torch.Tensor]) -> None:
+    """PyTorch's own dynamic int8, the other int8 path the int8 benchmark times, on the same trained model."""
+    model, images, _ = digits_model
+    quantized = torch_int8_model(model)
+    assert isinstance(quantized.blocks[0].mlp.fc1, torch.ao.nn.quantized.dynamic.Linear)
+    assert isinstance(model.blocks[0].mlp.fc1, torch.nn.Linear)  # the model itself is left as it was
+    with torch.no_grad():
+        expected, got = model(images), quantized(images)
+    assert (got.argmax(1) == expected.argmax(1)).float().mean() >= 0.99
+    assert (got - expected).norm() / expected.norm() < 0.05
+
+
+def test_bf16_against_int8_times_both_where_bf16_is_native(
+        ort: ModuleType, digits_model: tuple[VisionTransformer, torch.Tensor, torch.Tensor],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    model, _, _ = digits_model
+    int8 = quantize_model(model)
+    monkeypatch.setattr(quantize, "cpu_bf16_units", lambda: None)
+    assert bf16_against_int8(model, int8) is None  # emulated bf16: nothing to compare
+    monkeypatch.setattr(quantize, "cpu_bf16_units", lambda: "AMX-BF16")
+    rates = bf16_against_int8(model, int8, batch=4, calls=1)
+    assert rates is not None and all(rate > 0 for rate in rates)
+
+
 def test_create_model_quantize(ort: ModuleType, one_thread: None) -> None:
     model = vitlab.create_model("vit-ti16", num_classes=3, img_size=32, depth=1, quantize="int8")
     assert isinstance(model, OnnxRuntimeModel) and model.config.depth == 1
@@ -105,7 +138,7 @@ def test_bad_quantize_values(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.slow
 def test_export_command(ort: ModuleType, digits_model: tuple[VisionTransformer, torch.Tensor, torch.Tensor],
-                        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+                        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     model, images, _ = digits_model
     checkpoint = tmp_path / "digits.safetensors"
     vitlab.save_weights(model, checkpoint, format="vitlab")
@@ -116,8 +149,13 @@ def test_export_command(ort: ModuleType, digits_model: tuple[VisionTransformer, 
     assert f"wrote {out} (ONNX, fp32" in capsys.readouterr().out
     assert np.abs(run_onnx(ort, out, images[:50]) - expected).max() < 1e-4
     out = tmp_path / "digits-int8.onnx"
-    assert main(["export", str(checkpoint), "--out", str(out), "--int8"]) == 0
-    assert f"wrote {out} (ONNX, int8" in capsys.readouterr().out
+    for rates, noted in (((300.0, 200.0), True), ((200.0, 300.0), False), (None, False)):
+        monkeypatch.setattr(export_command, "bf16_against_int8", lambda *args, rates=rates: rates)
+        assert main(["export", str(checkpoint), "--out", str(out), "--int8"]) == 0
+        printed = capsys.readouterr().out
+        assert f"wrote {out} (ONNX, int8" in printed
+        assert ("note: this CPU runs bf16 autocast natively" in printed) == noted
+        assert ("300 img/s under bf16 against 200" in printed) == noted
     assert np.linalg.norm(run_onnx(ort, out, images[:50]) - expected) / np.linalg.norm(expected) < 0.05
     assert main(["export", str(tmp_path / "missing"), "--out", str(tmp_path / "x.onnx")]) == 2
     one_error_line(capsys, "missing")

@@ -19,10 +19,11 @@ from helpers import load_benchmark
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
-# Lowest first. Ground floor: vitlab's error type and file/memory helpers. studies: the study package (`study.py`
-# while it is one module). factory and `vitlab/__init__.py` join models, weights and export for `create_model`.
+# Lowest first. Ground floor: vitlab's error type, file/memory helpers, precision choice. studies: the study
+# package (`study.py` while it is one module). factory and `vitlab/__init__.py` join models, weights and export
+# for `create_model`.
 RANKS = {
-    "vitlab.errors": 0, "vitlab.atomic": 0, "vitlab.allocator": 0, "vitlab.limits": 0,
+    "vitlab.errors": 0, "vitlab.atomic": 0, "vitlab.allocator": 0, "vitlab.limits": 0, "vitlab.precision": 0,
     "vitlab.models": 1,
     "vitlab.data": 2, "vitlab.weights": 2,
     "vitlab.export": 3,

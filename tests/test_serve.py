@@ -28,6 +28,7 @@ from PIL import Image
 from helpers import TINY_VIT, count, one_error_line, random_model
 from vitlab.cli import main
 from vitlab.models.registry import config_to_dict
+from vitlab.precision import resolve_amp
 from vitlab.weights.files import write_safetensors
 from vitlab.weights.io import CONFIG_METADATA_KEY
 
@@ -52,6 +53,8 @@ def save_with_classes(model: torch.nn.Module, path: Path, classes: list[str]) ->
     return path
 
 
+AUTO = "bf16" if resolve_amp("auto", torch.device("cpu")) else "fp32"
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_with_classes(random_model(TINY_VIT), tmp_path_factory.mktemp("serve") / "tiny.safetensors", CLASSES)
@@ -59,6 +62,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def served(checkpoint: Path) -> ServedModel:
+    """Served as `predict` runs by default: under the precision `amp=auto` picks on this machine (`AUTO`)."""
     return ServedModel(str(checkpoint))
 
 
@@ -100,7 +104,7 @@ def test_answers_equal_vitlab_predict(checkpoint: Path, served: ServedModel, ima
                 assert [item["label"] for item in answer["top"]] == [item["class"] for item in reference]
                 np.testing.assert_allclose([item["probability"] for item in answer["top"]],
                                            [item["prob"] for item in reference], rtol=0, atol=1e-5)
-                assert answer["precision"] == "fp32" and answer["image"]["format"] == Image.open(path).format
+                assert answer["precision"] == AUTO and answer["image"]["format"] == Image.open(path).format
         assert len(post(client, images[0], "?top_k=99")["top"]) == len(CLASSES)
         assert len(post(client, images[0])["top"]) == 5
 
@@ -109,7 +113,7 @@ def test_model_card_health_page_and_docs(served: ServedModel) -> None:
     with client_for(served, max_batch=4) as client:
         card = client.get("/v1/model").json()
         assert card["classes"] == CLASSES and card["image_size"] == list(TINY_VIT.img_size)
-        assert card["parameters"] == count(served.model) and card["precision"] == "fp32"
+        assert card["parameters"] == count(served.model) and card["precision"] == AUTO
         assert card["architecture"] == "VisionTransformer" and card["attention"] == ["rollout"]
         assert client.get("/healthz").json()["status"] == "ok"
         page = client.get("/")
@@ -205,8 +209,9 @@ def test_upload_limit_parameters_and_multipart_without_file(served: ServedModel,
         assert post(client, images[0])["top"]
 
 
-def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(served: ServedModel,
+def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(checkpoint: Path,
                                                                      images: list[Path]) -> None:
+    served = ServedModel(str(checkpoint), precision="fp32")  # bf16 rounds a batch of 8 unlike a batch of 1
     with client_for(served, max_batch=1) as client:
         alone = [post(client, path, "?attention=rollout" if index % 2 else "") for index, path in enumerate(images)]
     with client_for(served, max_batch=8, max_wait_ms=500) as client:
@@ -250,13 +255,14 @@ def test_batcher_keeps_order_survives_a_failing_batch_and_respects_max_batch() -
 
 
 def test_precision_follows_training_s_amp_rule(checkpoint: Path, images: list[Path]) -> None:
-    assert serving_precision("auto", torch.device("cpu")) == "fp32"
+    assert serving_precision("auto", torch.device("cpu")) == AUTO
     assert serving_precision("auto", torch.device("cuda")) == "bf16"
+    assert serving_precision("fp32", torch.device("cuda")) == "fp32"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the emulated-bf16 warning depends on this CPU
         bf16 = ServedModel(str(checkpoint), precision="bf16")
     pixels = torch.from_numpy(np.stack([np.asarray(Image.open(images[0]).convert("RGB").resize((32, 32)))]))
-    fp32 = ServedModel(str(checkpoint)).run(pixels.permute(0, 3, 1, 2), [False])[0].probabilities
+    fp32 = ServedModel(str(checkpoint), precision="fp32").run(pixels.permute(0, 3, 1, 2), [False])[0].probabilities
     half = bf16.run(pixels.permute(0, 3, 1, 2), [False])[0].probabilities
     assert bf16.card["precision"] == "bf16" and half.dtype == torch.float32
     torch.testing.assert_close(half, fp32, atol=0.05, rtol=0)

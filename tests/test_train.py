@@ -44,8 +44,9 @@ def test_loss_falls_and_accuracy_beats_chance(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_bit_identically(tmp_path: Path) -> None:
-    config = digits_config(tmp_path / "a", ema_decay=0.9, checkpoint_every_steps=10)
+@pytest.mark.parametrize("amp", ["fp32", "bf16"])
+def test_killed_run_resumes_bit_identically(tmp_path: Path, amp: str) -> None:
+    config = digits_config(tmp_path / "a", ema_decay=0.9, checkpoint_every_steps=10, amp=amp)
     Trainer(config).fit()
     killed = dataclasses.replace(config, out=str(tmp_path / "b"))
     # Simulate a kill after step 30 by training the full schedule but stopping the loop early.
@@ -126,13 +127,19 @@ def test_recipes_are_complete_and_overridable() -> None:
 
 def test_bf16_autocast_on_a_cpu_without_bf16_instructions_warns(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    from vitlab.train import loop
+    from vitlab import precision
 
-    monkeypatch.setattr(loop, "bf16_emulated_on_cpu", lambda: True)
+    monkeypatch.setattr(precision.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(precision, "cpu_bf16_units", lambda: None)
     with pytest.warns(UserWarning, match="slower than in fp32"):
         assert Trainer(digits_config(tmp_path, amp="bf16")).autocast
-    monkeypatch.setattr(loop, "bf16_emulated_on_cpu", lambda: False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not Trainer(digits_config(tmp_path, amp="auto")).autocast  # auto keeps this CPU in fp32
+    monkeypatch.setattr(precision, "cpu_bf16_units", lambda: "AVX512-BF16")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert Trainer(digits_config(tmp_path, amp="bf16")).autocast
-        assert not Trainer(digits_config(tmp_path, amp="auto")).autocast  # auto keeps the CPU in fp32
+        assert Trainer(digits_config(tmp_path, amp="auto")).autocast  # native bf16: auto takes it
+        assert not Trainer(digits_config(tmp_path, amp="fp32")).autocast
+        assert not Trainer(digits_config(tmp_path, amp="none")).autocast  # older records' name for fp32

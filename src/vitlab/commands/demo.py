@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from vitlab.atomic import atomic_path, atomic_write
+from vitlab.commands import add_amp_option
 from vitlab.errors import VitlabError
 from vitlab.train.config import RECIPES
 from vitlab.train.run_dir import RunDir
@@ -24,6 +25,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("demo", help="train, fine-tune, evaluate, predict and analyse on Fashion-MNIST")
     parser.add_argument("--out", default="runs/demo")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
+    add_amp_option(parser)
     parser.set_defaults(run=run)
 
 
@@ -64,23 +66,24 @@ def run(args: argparse.Namespace) -> int:
     progress = [] if args.progress else ["--no-progress"]
     started = time.perf_counter()
     print(f"recipe fmnist-vit: {RECIPES['fmnist-vit'].description}; expected: {RECIPES['fmnist-vit'].expected}")
-    _vitlab("train", "--recipe", "fmnist-vit", "--out", str(pretrain), "--resume", *progress)
+    amp = ["--set", f"amp={args.amp}"]
+    _vitlab("train", "--recipe", "fmnist-vit", "--out", str(pretrain), "--resume", *amp, *progress)
     trained = time.perf_counter()
-    _vitlab("eval", str(pretrain), "--out", str(pretrain))
+    _vitlab("eval", str(pretrain), "--out", str(pretrain), "--amp", args.amp)
     _vitlab("finetune", "--recipe", "fmnist-finetune", "--from", str(pretrain), "--out", str(finetune), "--resume",
-            *progress)
+            *amp, *progress)
     finetuned = time.perf_counter()
-    _vitlab("eval", str(finetune), "--out", str(finetune))
+    _vitlab("eval", str(finetune), "--out", str(finetune), "--amp", args.amp)
     pre_run, fine_run = RunDir(pretrain), RunDir(finetune)
     pre, fine = _last_metrics(pre_run), _last_metrics(fine_run)
     best = finetune if fine["test_top1"] >= pre["test_top1"] else pretrain
     samples = _write_samples(out / "samples")
-    _vitlab("predict", str(best), *map(str, samples))
+    _vitlab("predict", str(best), *map(str, samples), "--amp", args.amp)
     _vitlab("analyze", str(best), "--images", *map(str, samples[:2]), "--dataset", "fashion-mnist", "--n", "128",
             "--out", str(out / "analysis"))
     summary = {"pretrain_top1": pre["test_top1"], "finetune_top1": fine["test_top1"], "best_run": str(best),
                "pretrain_s": round(trained - started, 1), "finetune_s": round(finetuned - trained, 1),
-               "total_s": round(time.perf_counter() - started, 1), "out": str(out)}
+               "total_s": round(time.perf_counter() - started, 1), "amp": args.amp, "out": str(out)}
     atomic_write(out / "summary.json", json.dumps(summary, indent=1))
     best_top1 = max(pre["test_top1"], fine["test_top1"])
     print(f"\n=== vitlab demo: Fashion-MNIST test top-1 {pre['test_top1']:.2%} after pre-training at "

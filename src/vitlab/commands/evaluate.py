@@ -10,11 +10,12 @@ import torch
 from torch import nn
 
 from vitlab.atomic import atomic_path
-from vitlab.commands import positive_int
+from vitlab.commands import add_amp_option, positive_int
 from vitlab.train.run_dir import checkpoint_train_config
 from vitlab.data import EvalTransform, load_dataset, match_channels
 from vitlab.errors import VitlabError, printable
 from vitlab.eval.metrics import confusion_matrix, evaluate
+from vitlab.precision import autocast, describe_precision, resolve_amp
 from vitlab.train.loop import select_device
 
 
@@ -39,6 +40,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     predict.add_argument("--model", help="registry name, for weight files that do not name their model")
     predict.add_argument("--top-k", type=positive_int, default=3)
     predict.add_argument("--json", action="store_true")
+    add_amp_option(predict)
     predict.set_defaults(run=run_predict)
 
 
@@ -47,6 +49,7 @@ def _add_source(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="registry name, for weight files that do not name their model")
     parser.add_argument("--dataset", help="default: the data set the checkpoint was trained on")
     parser.add_argument("--device", default="auto")
+    add_amp_option(parser)
 
 
 def load_for_use(checkpoint: str, model_name: str | None, device: str = "auto") -> tuple[nn.Module, torch.device]:
@@ -77,18 +80,21 @@ def run_eval(args: argparse.Namespace) -> int:
         raise VitlabError(f"{dataset} has {test.num_classes} classes but the model's head has "
                           f"{model.config.num_classes}")
     images = match_channels(test.images, model.config.in_chans)
-    result = evaluate(model, images, test.labels, EvalTransform(tuple(model.config.img_size)), device)
+    bf16 = resolve_amp(args.amp, device)
+    result = evaluate(model, images, test.labels, EvalTransform(tuple(model.config.img_size)), device, autocast=bf16)
     matrix = confusion_matrix(result.predictions, test.labels, test.num_classes)
     source = Path(args.checkpoint)
     out = Path(args.out) if args.out else (source if source.is_dir() else source.parent)
     _plot_confusion(matrix, test.classes, out / "confusion.png")
     record = {"checkpoint": str(source), "dataset": dataset, "images": len(test), "top1": result.top1,
-              "top5": result.top5, "loss": result.loss, "confusion_png": str(out / "confusion.png")}
+              "top5": result.top5, "loss": result.loss, "confusion_png": str(out / "confusion.png"),
+              "precision": describe_precision(bf16, device)}
     if args.json:
         print(json.dumps(record))
     else:
         print(f"{printable(source)} on {printable(dataset)} ({len(test)} images): top-1 {result.top1:.2%}  "
-              f"top-5 {result.top5:.2%}  loss {result.loss:.4f}\nconfusion matrix: {printable(out / 'confusion.png')}")
+              f"top-5 {result.top5:.2%}  loss {result.loss:.4f}  ({record['precision']})\n"
+              f"confusion matrix: {printable(out / 'confusion.png')}")
     return 0
 
 
@@ -130,13 +136,15 @@ def run_fewshot(args: argparse.Namespace) -> int:
     dataset = _dataset_for(args, model)
     size = model.config.img_size[0]
     train, test = load_dataset(dataset, "train", img_size=size), load_dataset(dataset, "test", img_size=size)
-    results = few_shot_eval(model, train, test, args.shots, args.seeds, args.l2, device)
+    bf16 = resolve_amp(args.amp, device)
+    results = few_shot_eval(model, train, test, args.shots, args.seeds, args.l2, device, autocast=bf16)
+    precision = describe_precision(bf16, device)
     for result in results:
         if args.json:
             print(json.dumps({"shots": result.shots, "mean": result.mean, "std": result.std,
-                              "accuracies": result.accuracies}))
+                              "accuracies": result.accuracies, "precision": precision}))
         else:
-            print(f"{result.shots:>3}-shot: {result.mean:.2%} ± {result.std:.2%}  ({args.seeds} seeds)")
+            print(f"{result.shots:>3}-shot: {result.mean:.2%} ± {result.std:.2%}  ({args.seeds} seeds, {precision})")
     return 0
 
 
@@ -167,9 +175,12 @@ def run_predict(args: argparse.Namespace) -> int:
     names = class_names(args.checkpoint, model.config.num_classes)
     mode = "L" if model.config.in_chans == 1 else "RGB"
     transform = EvalTransform(tuple(model.config.img_size))
+    bf16 = resolve_amp(args.amp, device)
     for path in args.images:
         image = torch.from_numpy(read_image(path, mode, tuple(model.config.img_size)))[None]
-        probs = model(transform(image).to(device)).softmax(-1)[0].cpu()
+        with autocast(bf16, device):
+            logits = model(transform(image).to(device))
+        probs = logits.float().softmax(-1)[0].cpu()
         top = probs.topk(min(args.top_k, len(probs)))
         ranked = [(names[i], float(p)) for p, i in zip(top.values, top.indices, strict=True)]
         if args.json:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 from vitlab.errors import VitlabError
+from vitlab.precision import describe_precision
 from vitlab.train.config import TrainConfig, get_recipe, override, recipe_config
 from vitlab.train.run_dir import checkpoint_train_config
 
@@ -125,11 +127,14 @@ def _fit(config: TrainConfig, resume: bool) -> int:
     from vitlab.train.loop import Trainer
 
     trainer = Trainer(config, resume=resume)
+    precision = describe_precision(trainer.autocast, trainer.device)
+    if os.environ.get("RANK", "0") == "0":  # torchrun's other processes stay quiet, as after the run
+        print(f"precision: {precision}, amp={config.amp}", flush=True)
     try:
         result = trainer.fit()
     finally:
         distributed.cleanup()
     if trainer.dist.is_main:
-        print(json.dumps({key: result[key] for key in ("step", "test_top1", "test_top5", "best_top1", "out")
-                          if key in result}))
+        summary = {key: result[key] for key in ("step", "test_top1", "test_top5", "best_top1", "out") if key in result}
+        print(json.dumps({**summary, "precision": precision}))
     return 0

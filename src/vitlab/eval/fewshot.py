@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from vitlab.data import EvalTransform, ImageTensors, match_channels
+from vitlab.precision import autocast as bf16_autocast
 
 
 @dataclass
@@ -31,12 +32,16 @@ class FewShotResult:
 
 @torch.no_grad()
 def extract_features(model: nn.Module, images: torch.Tensor, transform: EvalTransform, device: torch.device,
-                     batch_size: int = 500) -> torch.Tensor:
-    """Pre-logits features (what the head sees), float64 on the CPU for a well-conditioned solve."""
+                     batch_size: int = 500, autocast: bool = False) -> torch.Tensor:
+    """Pre-logits features (what the head sees), computed under bf16 autocast if asked, then float64 on the CPU for
+    a well-conditioned solve."""
     model.eval()
-    chunks = [model.forward_head(model.forward_features(transform(images[i:i + batch_size]).to(device)),
-                                 pre_logits=True).double().cpu()
-              for i in range(0, len(images), batch_size)]
+    chunks = []
+    for i in range(0, len(images), batch_size):
+        with bf16_autocast(autocast, device):
+            features = model.forward_head(model.forward_features(transform(images[i:i + batch_size]).to(device)),
+                                          pre_logits=True)
+        chunks.append(features.double().cpu())
     return torch.cat(chunks)
 
 
@@ -54,11 +59,14 @@ def ridge_classifier(features: torch.Tensor, labels: torch.Tensor, num_classes: 
 
 
 def few_shot_eval(model: nn.Module, train: ImageTensors, test: ImageTensors, shots: list[int], seeds: int = 3,
-                  l2: float = 2.0 ** 10, device: torch.device | None = None) -> list[FewShotResult]:
+                  l2: float = 2.0 ** 10, device: torch.device | None = None, autocast: bool = False
+                  ) -> list[FewShotResult]:
+    """Mean and spread of the few-shot top-1 per shot count; features under bf16 autocast when `autocast`."""
     device = device or next(model.parameters()).device
     transform = EvalTransform(tuple(model.config.img_size))
     channels = model.config.in_chans
-    test_features = extract_features(model, match_channels(test.images, channels), transform, device)
+    test_features = extract_features(model, match_channels(test.images, channels), transform, device,
+                                     autocast=autocast)
     per_class = [torch.nonzero(train.labels == c).flatten() for c in range(train.num_classes)]
     results = []
     for count in shots:
@@ -67,7 +75,8 @@ def few_shot_eval(model: nn.Module, train: ImageTensors, test: ImageTensors, sho
             generator = torch.Generator().manual_seed(seed)
             chosen = torch.cat([members[torch.randperm(len(members), generator=generator)[:count]]
                                 for members in per_class])
-            features = extract_features(model, match_channels(train.images[chosen], channels), transform, device)
+            features = extract_features(model, match_channels(train.images[chosen], channels), transform, device,
+                                        autocast=autocast)
             weights, bias = ridge_classifier(features, train.labels[chosen], train.num_classes, l2)
             predictions = (test_features @ weights + bias).argmax(1)
             accuracies.append(float((predictions == test.labels).double().mean()))

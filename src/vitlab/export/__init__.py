@@ -4,8 +4,9 @@ This layer sits above `vitlab.models` and imports nothing else of vitlab's but t
 """
 
 from vitlab.export.onnx import INPUT_NAME, OPSET, OUTPUT_NAME, export_onnx, require_onnxruntime, writable_path
-from vitlab.export.quantize import (QUANTIZE_MODES, OnnxRuntimeModel, check_quantize_mode, export_int8_onnx,
-                                    quantize_model)
+from vitlab.export.quantize import (QUANTIZE_MODES, OnnxRuntimeModel, bf16_against_int8, check_quantize_mode,
+                                    export_int8_onnx, quantize_model, torch_int8_model)
 
-__all__ = ["INPUT_NAME", "OPSET", "OUTPUT_NAME", "QUANTIZE_MODES", "OnnxRuntimeModel", "check_quantize_mode",
-           "export_int8_onnx", "export_onnx", "quantize_model", "require_onnxruntime", "writable_path"]
+__all__ = ["INPUT_NAME", "OPSET", "OUTPUT_NAME", "QUANTIZE_MODES", "OnnxRuntimeModel", "bf16_against_int8",
+           "check_quantize_mode", "export_int8_onnx", "export_onnx", "quantize_model", "require_onnxruntime",
+           "torch_int8_model", "writable_path"]

@@ -1,16 +1,22 @@
-"""int8 inference: the model's dense layers as dynamic int8 matrix products, run by ONNX Runtime.
+"""int8 inference: the model's dense layers as dynamic int8 matrix products, run by ONNX Runtime (or PyTorch).
 
 ONNX Runtime's dynamic quantisation was the fastest int8 path measured on this project's 2-core AVX-512 machine
 (ViT-S/16, batch 32, 2 threads): about 1.7× PyTorch's `torch.ao` dynamic int8 Linear, while torchao's int8
 dynamic-activation config ran slower than fp32. Weights are int8 per output channel; activations are quantised
 per tensor on the fly, so no calibration data is needed. The patch-embedding convolution and attention's
-Q·Kᵀ and P·V products stay fp32: the dense layers carry about 90% of a ViT's FLOPs.
+Q·Kᵀ and P·V products stay fp32: the dense layers carry about 90% of a ViT's FLOPs. `torch_int8_model` is
+PyTorch's own dynamic int8 (`torch.ao`, the x86 engine's VNNI kernels), kept for `benchmarks/int8_speed.py` to set
+against ONNX Runtime's on each CPU. On a CPU with bf16 units, bf16 autocast may beat both: `bf16_against_int8`
+times the two on the machine at hand.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import tempfile
+import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +27,7 @@ from torch import nn
 from vitlab.atomic import atomic_path
 from vitlab.errors import VitlabError
 from vitlab.export.onnx import INPUT_NAME, export_onnx, require_onnxruntime, writable_path
+from vitlab.precision import autocast, cpu_bf16_units
 
 QUANTIZE_MODES = ("int8",)
 
@@ -78,3 +85,42 @@ def quantize_model(model: nn.Module, mode: str = "int8", threads: int | None = N
     with tempfile.TemporaryDirectory(prefix="vitlab-int8-") as folder:
         graph = export_int8_onnx(model, Path(folder) / "int8.onnx").read_bytes()
     return OnnxRuntimeModel(graph, model.config, threads)
+
+
+def torch_int8_model(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose `nn.Linear` layers are PyTorch dynamic int8 (per-channel int8 weights, activations
+    quantised per tensor on the fly, as ONNX Runtime's), run by the quantized engine PyTorch selected (`x86` on x86
+    builds); for CPU inference. `torch.ao.quantization` warns that it is deprecated: silenced, as the call is
+    deliberate."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+        return quantize_dynamic(copy.deepcopy(model).eval(), {nn.Linear: per_channel_dynamic_qconfig},
+                                dtype=torch.qint8)
+
+
+def bf16_against_int8(model: nn.Module, int8: nn.Module, batch: int = 8, calls: int = 3
+                      ) -> tuple[float, float] | None:
+    """img/s of `model` under bf16 autocast and of its int8 stand-in, each timed `calls` times in turn on `batch`
+    random images at the model's size after a warm-up call (best of the calls), on the CPU; None where the CPU has no
+    bf16 units, as bf16 would be emulated there and slower than fp32."""
+    if cpu_bf16_units() is None:
+        return None
+    config = model.config
+    images = torch.randn(batch, config.in_chans, *config.img_size, generator=torch.Generator().manual_seed(0))
+    cpu = torch.device("cpu")
+
+    def bf16_call() -> None:
+        with autocast(True, cpu):
+            model(images)
+
+    best = [float("inf"), float("inf")]
+    with torch.inference_mode():
+        for round_ in range(calls + 1):
+            for index, call in enumerate((bf16_call, lambda: int8(images))):
+                start = time.perf_counter()
+                call()
+                if round_:  # the first round warms up
+                    best[index] = min(best[index], time.perf_counter() - start)
+    return batch / best[0], batch / best[1]

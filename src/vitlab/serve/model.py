@@ -24,6 +24,7 @@ from vitlab.data.images import decode_image, fit_image
 from vitlab.data.transforms import MEAN, STD
 from vitlab.errors import VitlabError
 from vitlab.models import ATTENTION, capabilities
+from vitlab.precision import resolve_amp
 
 PRECISIONS = ("auto", "fp32", "bf16")
 MAX_PIXELS = 50_000_000  # width × height read from the header; larger images are refused before decoding
@@ -40,19 +41,10 @@ class ImageProblem(Exception):
 
 
 def serving_precision(choice: str, device: torch.device) -> str:
-    """Training's `amp` rule: `auto` is bf16 autocast on CUDA and fp32 on the CPU, so CPU answers do not depend on
-    the CPU model (and equal `vitlab predict`'s); `bf16` and `fp32` are taken as asked."""
+    """The precision `vitlab predict` would use (`vitlab.precision.resolve_amp`): "bf16" or "fp32"."""
     if choice not in PRECISIONS:
         raise VitlabError(f"--precision must be one of {', '.join(PRECISIONS)}, got {choice!r}")
-    if choice == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    if choice == "bf16" and device.type == "cpu":
-        from vitlab.train.loop import bf16_emulated_on_cpu
-
-        if bf16_emulated_on_cpu():
-            warnings.warn("--precision bf16 on a CPU without bf16 instructions (AVX512-BF16 or AMX): PyTorch "
-                          "emulates them, so serving is slower than in fp32", stacklevel=2)
-    return choice
+    return "bf16" if resolve_amp(choice, device) else "fp32"
 
 
 def check_image(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[str, int, int]:

@@ -96,8 +96,8 @@ class TrainConfig:
     skip_bad_images: bool = False
 
     def __post_init__(self) -> None:
-        choices = {"optimizer": ("adamw", "sgd"), "schedule": ("cosine", "linear"), "amp": ("auto", "bf16", "none"),
-                   "device": None}
+        choices = {"optimizer": ("adamw", "sgd"), "schedule": ("cosine", "linear"),
+                   "amp": ("auto", "bf16", "fp32", "none"), "device": None}
         for name, allowed in choices.items():
             if allowed and getattr(self, name) not in allowed:
                 raise VitlabError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")

@@ -10,9 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import time
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +28,7 @@ from vitlab.data.shards import ShardSet, is_shard_dataset, load_shard_split
 from vitlab.errors import TrainingDiverged, VitlabError
 from vitlab.eval.metrics import evaluate
 from vitlab.models.registry import build_model, config_to_dict, model_config
+from vitlab.precision import resolve_amp
 from vitlab.train import checkpoint as ckpt
 from vitlab.train import distributed
 from vitlab.train.batches import Batch, BatchSource, batch_source
@@ -42,15 +41,6 @@ from vitlab.train.run_dir import RunDir
 # its own weight decay, betas and momentum.
 RESUME_FIXED = ("dataset", "subset", "seed", "batch_size", "epochs", "optimizer", "lr", "min_lr", "schedule",
                 "warmup_steps", "warmup_epochs", "weight_decay", "betas", "momentum")
-
-
-def bf16_emulated_on_cpu() -> bool:
-    """Whether this x86 CPU lacks bf16 instructions (AVX512-BF16, AMX), so that bf16 autocast would be slower than
-    fp32. Where they exist, oneDNN's bf16 matmuls run several times faster than fp32 ones; `amp=auto` still keeps
-    the CPU in fp32, so results do not depend on the CPU model. Other architectures are not judged."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
-    return not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 @dataclass
@@ -147,10 +137,7 @@ class Trainer:
         self.resume = resume
         self.device = select_device(config.device)
         self.dist = distributed.Distributed(device=self.device)  # replaced by fit() under torchrun
-        self.autocast = (config.amp == "bf16") or (config.amp == "auto" and self.device.type == "cuda")
-        if self.autocast and self.device.type == "cpu" and bf16_emulated_on_cpu():
-            warnings.warn("amp=bf16 on a CPU without bf16 instructions (AVX512-BF16 or AMX): PyTorch emulates "
-                          "them, so training is slower than in fp32", stacklevel=2)
+        self.autocast = resolve_amp(config.amp, self.device)
 
     # ---------------------------------------------------------------- set-up
     def _seed(self) -> None:
