@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from PIL import Image, ImageOps
 from torch import nn
 
 from vitlab.atomic import atomic_path
@@ -16,6 +18,7 @@ from vitlab.data import EvalTransform, load_dataset, match_channels
 from vitlab.errors import VitlabError
 from vitlab.eval.metrics import confusion_matrix, evaluate
 from vitlab.train.loop import select_device
+from vitlab.weights.card import ModelCard
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -50,14 +53,23 @@ def _add_source(parser: argparse.ArgumentParser) -> None:
 
 
 def load_for_use(checkpoint: str, model_name: str | None, device: str = "auto") -> tuple[nn.Module, torch.device]:
+    """The model of a checkpoint file, run directory or catalogue name, in eval mode on the device."""
     from vitlab.weights import load_model
+    from vitlab.weights.hub import looks_like_name
 
     path = Path(checkpoint)
-    if not path.exists():
+    if not path.exists() and not looks_like_name(checkpoint):
         raise VitlabError(f"{path}: no such checkpoint")
     target = select_device(device)
-    model = load_model(path, model_name=model_name).to(target).eval()
+    model = load_model(checkpoint, model_name=model_name).to(target).eval()
     return model, target
+
+
+def card_of(model: nn.Module) -> ModelCard:
+    """The class names and preprocessing `load_model` attached (an empty card for a model built otherwise)."""
+    from vitlab.weights.io import model_card
+
+    return model_card(model)
 
 
 def _dataset_for(args: argparse.Namespace, model: nn.Module) -> str:
@@ -76,8 +88,15 @@ def run_eval(args: argparse.Namespace) -> int:
     if test.num_classes != model.config.num_classes:
         raise VitlabError(f"{dataset} has {test.num_classes} classes but the model's head has "
                           f"{model.config.num_classes}")
+    card = card_of(model)
+    if card.classes is not None and tuple(card.classes) != tuple(test.classes):
+        raise VitlabError(f"{dataset}'s classes ({', '.join(test.classes[:5])}...) are not the checkpoint's "
+                          f"({', '.join(card.classes[:5])}...)")
     images = match_channels(test.images, model.config.in_chans)
-    result = evaluate(model, images, test.labels, EvalTransform(tuple(model.config.img_size)), device)
+    transform = EvalTransform(tuple(model.config.img_size))
+    if card.preprocessing is not None:
+        transform = normalize_with(transform, card.preprocessing.mean, card.preprocessing.std)
+    result = evaluate(model, images, test.labels, transform, device)
     matrix = confusion_matrix(result.predictions, test.labels, test.num_classes)
     source = Path(args.checkpoint)
     out = Path(args.out) if args.out else (source if source.is_dir() else source.parent)
@@ -137,36 +156,54 @@ def run_fewshot(args: argparse.Namespace) -> int:
     return 0
 
 
-def class_names(checkpoint: str, num_classes: int) -> list[str]:
-    """Names recorded by training in the safetensors metadata, else the class indices."""
-    from safetensors import SafetensorError, safe_open
+def normalize_with(transform: Callable[[torch.Tensor], torch.Tensor], mean: tuple[float, ...], std: tuple[float, ...]
+                    ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """An eval transform (one that normalises with vitlab's mean = std = 0.5, or none) with a checkpoint's own mean
+    and std instead; the data set's images are decoded at the model's size already."""
+    mean_t, std_t = torch.tensor(mean).view(-1, 1, 1), torch.tensor(std).view(-1, 1, 1)
 
-    path = Path(checkpoint)
-    if path.is_dir():
-        path = next((path / name for name in ("best.safetensors", "last.safetensors") if (path / name).exists()), path)
-    names = None
-    if path.suffix == ".safetensors":
-        try:
-            with safe_open(str(path), "pt") as handle:
-                names = json.loads((handle.metadata() or {}).get("classes", "null"))
-        except (SafetensorError, OSError, json.JSONDecodeError):
-            names = None
-    if isinstance(names, list) and len(names) == num_classes:
-        return [str(name) for name in names]
-    return [str(index) for index in range(num_classes)]
+    def apply(images: torch.Tensor) -> torch.Tensor:
+        scaled = transform(images) * 0.5 + 0.5  # EvalTransform's (x - 0.5) / 0.5 undone: back to [0, 1]
+        channels = scaled.shape[-3]
+        return (scaled - mean_t[:channels].to(scaled.device)) / std_t[:channels].to(scaled.device)
+
+    return apply
+
+
+def open_image(path: Path, mode: str) -> Image.Image:
+    """An image file decoded at its own size (EXIF rotation applied) in `mode`, for a checkpoint's transform."""
+    from vitlab.data.folder import FORMATS, READ_ERRORS
+
+    try:
+        with Image.open(path, formats=FORMATS) as image:
+            image = ImageOps.exif_transpose(image)
+            if image.mode in ("RGBA", "LA", "P", "PA") and mode == "RGB":
+                image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)),
+                                              image.convert("RGBA"))
+            return image.convert(mode)
+    except READ_ERRORS as error:
+        raise VitlabError(f"{path}: cannot read image ({type(error).__name__}: {error})") from None
+
+
+def image_batch(model: nn.Module, path: Path) -> torch.Tensor:
+    """One image file as the model's (1, C, H, W) input: with the checkpoint's preprocessing when its card has
+    one, else as before (shorter side fitted and centre-cropped, bicubic, mean = std = 0.5)."""
+    from vitlab.data.folder import read_image
+
+    mode = "L" if model.config.in_chans == 1 else "RGB"
+    size = tuple(model.config.img_size)
+    preprocessing = card_of(model).preprocessing
+    if preprocessing is not None:
+        return preprocessing.transform(size)(open_image(path, mode))[None]
+    return EvalTransform(size)(torch.from_numpy(read_image(path, mode, size))[None])
 
 
 @torch.no_grad()
 def run_predict(args: argparse.Namespace) -> int:
-    from vitlab.data.folder import read_image
-
     model, device = load_for_use(args.checkpoint, args.model)
-    names = class_names(args.checkpoint, model.config.num_classes)
-    mode = "L" if model.config.in_chans == 1 else "RGB"
-    transform = EvalTransform(tuple(model.config.img_size))
+    names = card_of(model).class_names(model.config.num_classes)
     for path in args.images:
-        image = torch.from_numpy(read_image(path, mode, tuple(model.config.img_size)))[None]
-        probs = model(transform(image).to(device)).softmax(-1)[0].cpu()
+        probs = model(image_batch(model, path).to(device)).softmax(-1)[0].cpu()
         top = probs.topk(min(args.top_k, len(probs)))
         ranked = [(names[i], float(p)) for p, i in zip(top.values, top.indices)]
         if args.json:

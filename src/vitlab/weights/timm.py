@@ -7,6 +7,8 @@ can express and vitlab cannot (and back): those are refused with the reason rath
 from __future__ import annotations
 
 import math
+from typing import Any
+
 import torch
 
 from vitlab.errors import VitlabError
@@ -81,3 +83,18 @@ def from_state_dict(state: dict[str, torch.Tensor], config: ViTConfig) -> dict[s
         raise VitlabError("timm's VisionTransformer learns its position embedding; this model uses fixed "
                           "sincos2d embeddings, which a timm state dict cannot express")
     return dict(state)
+
+
+def model_args(config: ViTConfig) -> dict[str, Any]:
+    """Keyword arguments for timm's `VisionTransformer` that build `config`'s architecture (a timm config.json's
+    `model_args`); hybrids and LayerNorm epsilons other than timm's 1e-6 have no JSON-able form there."""
+    if config.hybrid_layers is not None:
+        raise VitlabError("a hybrid ViT's timm config needs a ResNet backbone object; write a single file instead")
+    if config.layer_norm_eps != 1e-6:
+        raise VitlabError(f"timm's config.json cannot set layer_norm_eps={config.layer_norm_eps} (timm uses 1e-6)")
+    return {"img_size": list(config.img_size), "patch_size": config.patch_size, "in_chans": config.in_chans,
+            "num_classes": config.num_classes, "embed_dim": config.embed_dim, "depth": config.depth,
+            "num_heads": config.num_heads, "mlp_ratio": config.mlp_dim / config.embed_dim,
+            "qkv_bias": config.qkv_bias, "class_token": config.pool == "token",
+            "global_pool": "token" if config.pool == "token" else "avg", "fc_norm": False,
+            "pos_embed": "none" if config.posemb == "none" else "learn"}
