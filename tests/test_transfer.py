@@ -144,6 +144,9 @@ def test_finetune_predict_eval_convert_by_name(mirror, photos, tmp_path, capsys)
     assert main(["predict", f"{MODEL}:no-such-tag", str(image)]) == 2
     error = capsys.readouterr().err.strip()
     assert "\n" not in error and "close matches" in error and NAME in error
+    assert main(["finetune", "--from", NAME, "--model", "vit-s16", "--dataset", str(photos), "--out",
+                 str(tmp_path / "refused")]) == 2
+    assert "not --model vit-s16" in capsys.readouterr().err and not (tmp_path / "refused").exists()
 
 
 def _chelsea(tmp_path: Path) -> Path:

@@ -133,6 +133,8 @@ def run_finetune(args: argparse.Namespace) -> int:
         if not looks_like_name(args.init_from):
             raise VitlabError(f"--from {source}: no such file or directory")
         entry = resolve_name(args.init_from, args.model)  # the run records the canonical MODEL:TAG
+        if args.model is not None and args.model != entry.model_name:
+            raise VitlabError(f"--from {args.init_from} is a {entry.model_name} checkpoint, not --model {args.model}")
     if args.recipe:
         base = recipe_config(args.recipe)
     elif entry is not None:
