@@ -193,6 +193,9 @@ def test_timm_directory_builds_the_same_model(tmp_path) -> None:
     cfg = reference.pretrained_cfg
     assert cfg["crop_pct"] == 0.875 and cfg["label_names"][3] == "kind 3" and tuple(cfg["mean"]) == (0.5,) * 3
     assert timm.data.resolve_data_config({}, model=reference)["input_size"] == (3, 32, 32)
+    back = load_model(tmp_path / "timm")  # and vitlab reads the directory back, card included
+    torch.testing.assert_close(logits(back), logits(model), atol=1e-5, rtol=1e-5)
+    assert back.card == model.card
 
 
 def test_onnx_carries_card_and_refuses_sizes_the_model_refuses(tmp_path) -> None:

@@ -83,6 +83,8 @@ def read_weights(path: str | os.PathLike[str]) -> WeightFile:
     path = resolve_path(path)
     source = str(path)
     if path.is_dir():
+        if _is_timm_directory(path):
+            return _timm_directory(path)
         state, fields = hf.read_directory(path)
         processor = path / HF_PROCESSOR_NAME
         card = card_from_hf(hf._read_json_object(path / hf.CONFIG_NAME),
@@ -125,6 +127,34 @@ def read_weights(path: str | os.PathLike[str]) -> WeightFile:
                           f"MLP-Mixer: {describe_keys(sorted(keys))}")
     fields, grid = _shape_fields(state, source)
     return WeightFile(path, file_format, state, fields, None, grid)
+
+
+def _is_timm_directory(path: Path) -> bool:
+    """timm's Hub layout: a config.json naming an `architecture` (HF's names a `model_type`) and model.safetensors."""
+    data = hf._read_json_object(path / TIMM_CONFIG_NAME)
+    return "architecture" in data and "model_type" not in data and (path / TIMM_WEIGHTS_NAME).is_file()
+
+
+def _timm_directory(path: Path) -> WeightFile:
+    """A timm Hub directory: the weights as a timm file, the config from `model_args` (as `save_weights` writes
+    them; a directory without them needs a model name, as any timm file does) and the card from `label_names` and
+    `pretrained_cfg`."""
+    source = str(path)
+    data = hf._read_json_object(path / TIMM_CONFIG_NAME)
+    state = timm.to_state_dict(read_safetensors(path / TIMM_WEIGHTS_NAME)[0], source)
+    fields, grid = _shape_fields(state, source)
+    config = None
+    if isinstance(data.get("model_args"), dict):
+        config = timm.config_from_model_args(data["model_args"], source)
+        fields = {field.name: getattr(config, field.name) for field in dataclasses.fields(config)}
+    cfg = data.get("pretrained_cfg") if isinstance(data.get("pretrained_cfg"), dict) else {}
+    preprocessing = None
+    if "mean" in cfg:
+        preprocessing = Preprocessing.from_dict({**cfg, "crop_mode": cfg.get("crop_mode", "center"),
+                                                 "crop_pct": cfg.get("crop_pct") or 1.0}, f"{source}: pretrained_cfg")
+    classes = data.get("label_names", cfg.get("label_names"))
+    card = ModelCard(tuple(map(str, classes)) if isinstance(classes, list) else None, preprocessing)
+    return WeightFile(path, "timm", state, fields, config, grid, card=card)
 
 
 def _vitlab_file(path: Path, tensors: dict[str, torch.Tensor], config_json: str) -> WeightFile:
