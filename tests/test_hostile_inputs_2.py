@@ -290,7 +290,7 @@ def test_printable_escapes_control_characters() -> None:
 def test_hostile_names_stay_on_one_line(weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     fake = "x.safetensors\nvitlab convert: error: \x1b[2Jforged"
     assert main(["convert", str(tmp_path / fake), str(tmp_path / "out.npz")]) == 2
-    line = one_error_line(capsys, "no such file", "\\n", "\\x1b[2J")
+    line = one_error_line(capsys, "neither a file nor a known checkpoint name", "\\n", "\\x1b[2J")
     assert "\x1b" not in line
     names = ["\x1b[31mred\x1b[0m", "two\nlines", "$\\frac$"]
     path = tmp_path / "named.safetensors"

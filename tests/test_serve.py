@@ -262,8 +262,9 @@ def test_precision_follows_training_s_amp_rule(checkpoint: Path, images: list[Pa
         warnings.simplefilter("ignore")  # the emulated-bf16 warning depends on this CPU
         bf16 = ServedModel(str(checkpoint), precision="bf16")
     pixels = torch.from_numpy(np.stack([np.asarray(Image.open(images[0]).convert("RGB").resize((32, 32)))]))
-    fp32 = ServedModel(str(checkpoint), precision="fp32").run(pixels.permute(0, 3, 1, 2), [False])[0].probabilities
-    half = bf16.run(pixels.permute(0, 3, 1, 2), [False])[0].probabilities
+    inputs = EvalTransform(TINY_VIT.img_size)(pixels.permute(0, 3, 1, 2))
+    fp32 = ServedModel(str(checkpoint), precision="fp32").run(inputs, [False])[0].probabilities
+    half = bf16.run(inputs, [False])[0].probabilities
     assert bf16.card["precision"] == "bf16" and half.dtype == torch.float32
     torch.testing.assert_close(half, fp32, atol=0.05, rtol=0)
 

@@ -29,7 +29,7 @@ def create_model(name: str, num_classes: int | None = None, img_size: int | tupl
         check_quantize_mode(quantize)
     model = build_model(model_config(name, num_classes=num_classes, img_size=img_size, **overrides))
     if pretrained is not None:
-        from vitlab.weights.hub import load_pretrained
+        from vitlab.weights.io import load_pretrained
 
         load_pretrained(model, name, pretrained)
     if quantize is not None:

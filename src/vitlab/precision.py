@@ -79,3 +79,16 @@ def describe_precision(autocast: bool, device: torch.device) -> str:
 def autocast(enabled: bool, device: torch.device) -> AbstractContextManager[None]:
     """bf16 autocast on `device` when `enabled`, else nothing: the context every vitlab forward pass runs in."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def select_device(name: str) -> torch.device:
+    """`auto` picks CUDA when present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise VitlabError(f"unknown device {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise VitlabError("device cuda was asked for but CUDA is not available")
+    return device

@@ -13,7 +13,9 @@ import argparse
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 from vitlab.commands import positive_int
@@ -65,16 +67,27 @@ def load_dataset_images(name: str, count: int, in_chans: int, img_size: tuple[in
     return EvalTransform(img_size)(match_channels(test.images[:count], in_chans))
 
 
-def load_inputs(args: argparse.Namespace, in_chans: int, img_size: tuple[int, int], device: torch.device
+def load_inputs(args: argparse.Namespace, model: torch.nn.Module, device: torch.device
                 ) -> tuple[torch.Tensor, list[str], torch.Tensor]:
     """The images to draw (--images, else the --dataset ones), their names, and the images to take statistics
-    over (--dataset, else --images); shared by the ViT and Perceiver branches so both read inputs alike."""
+    over (--dataset, else --images); shared by the ViT and Perceiver branches so both read inputs alike. A
+    checkpoint that records its preprocessing gets it (its mean and std for the data set's images)."""
+    from vitlab.eval.predictor import card_of, image_batch, normalize_with
+
     if not args.images and not args.dataset:
         raise VitlabError("give --images, --dataset or both")
+    in_chans, img_size = model.config.in_chans, model.config.img_size
+    preprocessing = card_of(model).preprocessing
     statistics = None
     if args.dataset:
-        statistics = load_dataset_images(args.dataset, args.n, in_chans, img_size).to(device)
-    if args.images:
+        statistics = load_dataset_images(args.dataset, args.n, in_chans, img_size)
+        if preprocessing is not None:
+            statistics = normalize_with(lambda images: images, preprocessing.mean, preprocessing.std)(statistics)
+        statistics = statistics.to(device)
+    if args.images and preprocessing is not None:
+        images = torch.cat([image_batch(model, Path(path)) for path in args.images]).to(device)
+        names = [Path(path).name for path in args.images]
+    elif args.images:
         images = load_images(args.images, in_chans, img_size).to(device)
         names = [Path(path).name for path in args.images]
     else:
@@ -82,6 +95,19 @@ def load_inputs(args: argparse.Namespace, in_chans: int, img_size: tuple[int, in
         names = [f"{args.dataset} #{index}" for index in range(images.shape[0])]
     statistics = images if statistics is None else statistics
     return images, names, statistics
+
+
+def display_normalisation(model: torch.nn.Module) -> tuple[Any, Any]:
+    """The mean and std that undo the model's input normalisation for drawing: per channel (C, 1, 1) from the
+    checkpoint's card, else vitlab's default."""
+    from vitlab.eval.predictor import card_of
+
+    preprocessing = card_of(model).preprocessing
+    if preprocessing is None:
+        return MEAN, STD
+    channels = model.config.in_chans
+    return (np.array(preprocessing.mean[:channels]).reshape(-1, 1, 1),
+            np.array(preprocessing.std[:channels]).reshape(-1, 1, 1))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -103,9 +129,10 @@ def run(args: argparse.Namespace) -> int:
         raise VitlabError(f"--device {args.device!r}: {error}") from None
 
     model = load_model(args.checkpoint, model_name=args.model)
+    mean, std = display_normalisation(model)
     supported = capabilities(model)
     if CROSS_ATTENTION in supported:
-        return run_perceiver(args, model, device)
+        return run_perceiver(args, model, device, mean, std)
     if ATTENTION not in supported:
         raise VitlabError(f"{args.checkpoint}: vitlab analyze supports Vision Transformers and Perceivers, got "
                           f"{type(model).__name__}")
@@ -114,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
         raise VitlabError(f"--head must be in [0, {config.num_heads - 1}], got {args.head}")
     model = model.to(device).eval()
 
-    images, names, statistics = load_inputs(args, config.in_chans, config.img_size, device)
+    images, names, statistics = load_inputs(args, model, device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     grid = model.grid_size_for(*images.shape[-2:])
@@ -124,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
     shown = images[:args.overlays]
     maps = attention_maps(model, shown)
     rollout = rollout_readout(rollout_matrix(maps, args.head_fusion, args.discard_ratio, prefix), grid, prefix)
-    plots.plot_rollout(shown.cpu(), rollout.cpu(), out / "rollout.png", MEAN, STD, titles=names[:shown.shape[0]])
+    plots.plot_rollout(shown.cpu(), rollout.cpu(), out / "rollout.png", mean, std, titles=names[:shown.shape[0]])
     readout = "the class token's row" if prefix else "the mean row (GAP model)"
     entries.append({"file": "rollout.png", "title": "Attention rollout",
                     "caption": f"Attention rollout (heads fused by {args.head_fusion}, discard ratio "
@@ -135,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
 
     layer_maps = class_token_attention(maps, grid, prefix)[:, 0, args.head]  # (L, gh, gw) for the first image
     label = "class-token attention" if prefix else "attention received (mean over queries)"
-    plots.plot_layer_attention(layer_maps.cpu(), out / "layer_attention.png", args.head, shown[0].cpu(), MEAN, STD,
+    plots.plot_layer_attention(layer_maps.cpu(), out / "layer_attention.png", args.head, shown[0].cpu(), mean, std,
                                label=label)
     entries.append({"file": "layer_attention.png", "title": f"Per-layer attention, head {args.head}",
                     "caption": f"{label[0].upper() + label[1:]} of head {args.head} in every layer for "
@@ -195,7 +222,8 @@ def latent_entropy(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor
     return total / images.shape[0]
 
 
-def run_perceiver(args: argparse.Namespace, model: torch.nn.Module, device: torch.device) -> int:
+def run_perceiver(args: argparse.Namespace, model: torch.nn.Module, device: torch.device, mean: Any, std: Any
+                  ) -> int:
     """A Perceiver's cross-attention from its latents to the pixels, one figure per drawn image.
 
     Each figure shows, per cross-attend, the mean map over all latents and the SHOWN_LATENTS latents whose attention
@@ -209,7 +237,7 @@ def run_perceiver(args: argparse.Namespace, model: torch.nn.Module, device: torc
         raise VitlabError(f"--head must be in [0, {config.cross_heads - 1}] (the Perceiver's cross-attention "
                           f"heads), got {args.head}")
     model = model.to(device).eval()
-    images, names, statistics = load_inputs(args, config.in_chans, config.img_size, device)
+    images, names, statistics = load_inputs(args, model, device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     height, width = images.shape[-2:]
@@ -222,7 +250,7 @@ def run_perceiver(args: argparse.Namespace, model: torch.nn.Module, device: torc
         maps = cross_attention_maps(model, images[index:index + 1])[:, 0, args.head]  # (S, N, H*W)
         file = f"cross_attention_{index}.png"
         plots.plot_cross_attention(images[index].cpu(), maps.reshape(*maps.shape[:2], height, width).cpu(),
-                                   chosen.cpu(), out / file, MEAN, STD, title=f"Cross-attention, {name}")
+                                   chosen.cpu(), out / file, mean, std, title=f"Cross-attention, {name}")
         entries.append({"file": file, "title": f"Cross-attention, {name}",
                         "caption": f"{name}: the input, then per cross-attend the attention of head {args.head} "
                                    f"from the latents to the {height}x{width} pixels: the mean over all "

@@ -17,8 +17,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "convert", help="convert weights between vitlab, .npz, timm and Hugging Face formats",
         description="Read IN (any format vitlab loads) and write OUT. Without --to the format follows OUT: "
-                    ".safetensors → vitlab, .npz → npz, no extension → hf (a directory); timm needs --to timm.")
-    parser.add_argument("input", metavar="IN", help="weight file, Hugging Face directory or vitlab run directory")
+                    ".safetensors → vitlab, .npz → npz, no extension → hf (a directory); timm needs --to timm "
+                    "(a directory OUT gets timm's model.safetensors + config.json). Class names and preprocessing "
+                    "go along (vitlab metadata; HF id2label and preprocessor_config.json; timm's config.json).")
+    parser.add_argument("input", metavar="IN", help="weight file, Hugging Face directory, vitlab run directory or "
+                                                    "catalogue name (`vitlab models --pretrained`)")
     parser.add_argument("output", metavar="OUT", help="file or directory to write")
     parser.add_argument("--to", choices=FORMATS, default=None, help="output format (default: from OUT)")
     parser.add_argument("--model", default=None, metavar="NAME",
@@ -40,7 +43,7 @@ def output_format(output: Path, requested: str | None) -> str:
 def check_output(output: Path, fmt: str, source: str) -> None:
     """Before any work: refuse an output that is a link, a special file or the input itself (a run directory's
     checkpoint included), which would be replaced rather than written, or lose what the conversion drops."""
-    inputs = (source, resolve_path(source))
+    inputs = (source, resolve_path(source)) if Path(source).exists() else ()  # else a catalogue name
     if fmt != "hf":
         check_regular_target(output, *inputs)
         return

@@ -15,8 +15,8 @@ from vitlab.train.run_dir import checkpoint_train_config
 from vitlab.data import EvalTransform, load_dataset, match_channels
 from vitlab.errors import VitlabError, printable
 from vitlab.eval.metrics import confusion_matrix, evaluate
+from vitlab.eval.predictor import card_of, image_batch, load_for_use, normalize_with
 from vitlab.precision import autocast, describe_precision, resolve_amp
-from vitlab.train.loop import select_device
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -52,17 +52,6 @@ def _add_source(parser: argparse.ArgumentParser) -> None:
     add_amp_option(parser)
 
 
-def load_for_use(checkpoint: str, model_name: str | None, device: str = "auto") -> tuple[nn.Module, torch.device]:
-    from vitlab.weights import load_model
-
-    path = Path(checkpoint)
-    if not path.exists():
-        raise VitlabError(f"{path}: no such checkpoint")
-    target = select_device(device)
-    model = load_model(path, model_name=model_name).to(target).eval()
-    return model, target
-
-
 def _dataset_for(args: argparse.Namespace, model: nn.Module) -> str:
     if args.dataset:
         return args.dataset
@@ -79,9 +68,13 @@ def run_eval(args: argparse.Namespace) -> int:
     if test.num_classes != model.config.num_classes:
         raise VitlabError(f"{dataset} has {test.num_classes} classes but the model's head has "
                           f"{model.config.num_classes}")
+    card = card_of(model)
     images = match_channels(test.images, model.config.in_chans)
+    transform = EvalTransform(tuple(model.config.img_size))
+    if card.preprocessing is not None:
+        transform = normalize_with(transform, card.preprocessing.mean, card.preprocessing.std)
     bf16 = resolve_amp(args.amp, device)
-    result = evaluate(model, images, test.labels, EvalTransform(tuple(model.config.img_size)), device, autocast=bf16)
+    result = evaluate(model, images, test.labels, transform, device, autocast=bf16)
     matrix = confusion_matrix(result.predictions, test.labels, test.num_classes)
     source = Path(args.checkpoint)
     out = Path(args.out) if args.out else (source if source.is_dir() else source.parent)
@@ -148,38 +141,14 @@ def run_fewshot(args: argparse.Namespace) -> int:
     return 0
 
 
-def class_names(checkpoint: str, num_classes: int) -> list[str]:
-    """Names recorded by training in the safetensors metadata, else the class indices."""
-    from safetensors import SafetensorError, safe_open
-
-    path = Path(checkpoint)
-    if path.is_dir():
-        path = next((path / name for name in ("best.safetensors", "last.safetensors") if (path / name).exists()), path)
-    names = None
-    if path.suffix == ".safetensors":
-        try:
-            with safe_open(str(path), "pt") as handle:
-                names = json.loads((handle.metadata() or {}).get("classes", "null"))
-        except (SafetensorError, OSError, json.JSONDecodeError):
-            names = None
-    if isinstance(names, list) and len(names) == num_classes:
-        return [str(name) for name in names]
-    return [str(index) for index in range(num_classes)]
-
-
 @torch.no_grad()
 def run_predict(args: argparse.Namespace) -> int:
-    from vitlab.data.folder import read_image
-
     model, device = load_for_use(args.checkpoint, args.model)
-    names = class_names(args.checkpoint, model.config.num_classes)
-    mode = "L" if model.config.in_chans == 1 else "RGB"
-    transform = EvalTransform(tuple(model.config.img_size))
+    names = card_of(model).class_names(model.config.num_classes)
     bf16 = resolve_amp(args.amp, device)
     for path in args.images:
-        image = torch.from_numpy(read_image(path, mode, tuple(model.config.img_size)))[None]
         with autocast(bf16, device):
-            logits = model(transform(image).to(device))
+            logits = model(image_batch(model, path).to(device))
         probs = logits.float().softmax(-1)[0].cpu()
         top = probs.topk(min(args.top_k, len(probs)))
         ranked = [(names[i], float(p)) for p, i in zip(top.values, top.indices, strict=True)]

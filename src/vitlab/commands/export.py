@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 import numpy as np
 import torch
@@ -29,6 +30,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
+def onnx_metadata(model: torch.nn.Module) -> dict[str, str]:
+    """The graph's `metadata_props`: the class names and preprocessing (JSON, as in vitlab files; the default
+    ViT preprocessing when the checkpoint records none) and the input size."""
+    from vitlab.weights.card import CLASSES_KEY, PREPROCESSING_KEY, Preprocessing
+    from vitlab.weights.io import model_card
+
+    card = model_card(model)
+    config = model.config
+    preprocessing = card.preprocessing or Preprocessing()
+    return {CLASSES_KEY: json.dumps(card.class_names(config.num_classes)),
+            PREPROCESSING_KEY: json.dumps(preprocessing.to_dict(config.img_size))}
+
+
 def run(args: argparse.Namespace) -> int:
     from vitlab.weights import load_model
     from vitlab.weights.io import resolve_path
@@ -36,10 +50,11 @@ def run(args: argparse.Namespace) -> int:
     ort = require_onnxruntime()
     out = check_regular_target(writable_path(args.out), args.checkpoint, resolve_path(args.checkpoint))
     model = load_model(args.checkpoint, model_name=args.model).eval()
+    metadata = onnx_metadata(model)
     if args.int8:
-        export_int8_onnx(model, out)
+        export_int8_onnx(model, out, metadata)
     else:
-        export_onnx(model, out)
+        export_onnx(model, out, metadata=metadata)
     config = model.config
     images = torch.randn(2, config.in_chans, *config.img_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -48,7 +49,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     train.set_defaults(run=run_train)
     finetune = subparsers.add_parser("finetune", help="fine-tune a checkpoint, e.g. at a higher resolution")
     finetune.add_argument("--from", dest="init_from", required=True, metavar="CHECKPOINT",
-                          help="a vitlab run directory or any weights file vitlab can load")
+                          help="a vitlab run directory, any weights file vitlab can load, or a catalogue name "
+                               "(vit-s16:augreg-in21k-ft-in1k, a bare tag with --model, timm/HF spellings)")
     add_common_options(finetune)
     finetune.set_defaults(run=run_finetune)
 
@@ -114,12 +116,26 @@ def run_finetune(args: argparse.Namespace) -> int:
     if relaunched is not None:
         return relaunched
     source = Path(args.init_from)
+    entry = None
     if not source.exists():
-        raise VitlabError(f"--from {source}: no such file or directory")
+        from vitlab.weights.hub import looks_like_name, resolve_name
+
+        if not looks_like_name(args.init_from):
+            raise VitlabError(f"--from {source}: no such file or directory")
+        entry = resolve_name(args.init_from, args.model)  # the run records the canonical MODEL:TAG
+        if args.model is not None and args.model != entry.model_name:
+            raise VitlabError(f"--from {args.init_from} is a {entry.model_name} checkpoint, not --model {args.model}")
     # A layered recipe (the default, `finetune`) keeps the source run's data and model settings.
-    base = get_recipe(args.recipe or "finetune").over(checkpoint_train_config(source) or TrainConfig())
-    base = override(base, {"init_from": str(source), "out": str(Path(args.out or f"{source}-finetune"))})
-    return _fit(config_from_args(args, base), args.resume)
+    recipe = get_recipe(args.recipe or "finetune")
+    if entry is None:
+        base = recipe.over(checkpoint_train_config(source) or TrainConfig())
+        values = {"init_from": str(source), "out": str(Path(args.out or f"{source}-finetune"))}
+    else:
+        base = recipe.over(TrainConfig())
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", entry.name)
+        values = {"init_from": entry.name, "model": entry.model_name, "model_overrides": {},
+                  "out": str(Path(args.out or Path("runs") / f"{safe}-finetune"))}
+    return _fit(config_from_args(args, override(base, values)), args.resume)
 
 
 def _fit(config: TrainConfig, resume: bool) -> int:

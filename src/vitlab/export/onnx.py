@@ -45,6 +45,19 @@ def writable_path(path: str | os.PathLike[str]) -> Path:
     return path
 
 
+def set_metadata(path: Path, metadata: dict[str, str]) -> None:
+    """Add key/value strings to an ONNX file's `metadata_props`, replacing keys it has already."""
+    import onnx
+
+    graph = onnx.load(str(path))
+    kept = [prop for prop in graph.metadata_props if prop.key not in metadata]
+    del graph.metadata_props[:]
+    graph.metadata_props.extend(kept)
+    for key, value in metadata.items():
+        graph.metadata_props.add(key=key, value=value)
+    onnx.save(graph, str(path))
+
+
 def _bicubic_antialiased(g: Any, x: Any, output_size: Any, *_: Any) -> Any:
     """ONNX for `aten::_upsample_bicubic2d_aa`, which torch's exporter lacks: PyTorch's antialiased bicubic is
     PIL's (a = -0.5, half-pixel centres, weights renormalised over the taps inside the image)."""
@@ -56,10 +69,27 @@ def _bicubic_antialiased(g: Any, x: Any, output_size: Any, *_: Any) -> Any:
                 exclude_outside_i=1, coordinate_transformation_mode_s="half_pixel")
 
 
-def export_onnx(model: nn.Module, path: str | os.PathLike[str], opset: int = OPSET) -> Path:
+class _SizeGuard(nn.Module):
+    """The model behind a reshape that needs the input's height and width to be multiples of `stride`: ONNX
+    Runtime then refuses the sizes PyTorch refuses, where a strided convolution would silently drop the rest."""
+
+    def __init__(self, model: nn.Module, stride: int) -> None:
+        super().__init__()
+        self.model, self.stride = model, stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = x.shape
+        tiles = x.reshape(batch, channels, height // self.stride, self.stride, width // self.stride, self.stride)
+        return self.model(tiles.reshape(batch, channels, height, width))
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike[str], opset: int = OPSET,
+                metadata: dict[str, str] | None = None) -> Path:
     """Write `model`'s image → logits graph to `path` with dynamic batch (and, for ViTs, height and width) axes.
 
     The model is traced in eval mode at its configured image size; its training flag is restored afterwards.
+    A ViT's graph refuses heights and widths its patch (or hybrid stride) does not divide, as the model does;
+    other models take only their configured size. `metadata` goes into the graph's `metadata_props`.
     """
     try:
         import onnx  # noqa: F401  (torch's exporter imports it; fail with the extra's name, not torch's message)
@@ -67,7 +97,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], opset: int = OPS
         raise VitlabError("ONNX export needs the onnx package: pip install 'vitlab[export]'") from None
     path = writable_path(path)
     config = model.config
-    axes = {0: "batch", 2: "height", 3: "width"} if isinstance(model, VisionTransformer) else {0: "batch"}
+    vit = isinstance(model, VisionTransformer)
+    axes = {0: "batch", 2: "height", 3: "width"} if vit else {0: "batch"}
+    traced = _SizeGuard(model, config.stride) if vit else model
     sample = torch.zeros(2, config.in_chans, *config.img_size)  # batch 2: a batch of 1 can be folded into shapes
     was_training = model.training
     model.eval()
@@ -79,9 +111,11 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], opset: int = OPS
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             with atomic_path(path) as temporary:
-                torch.onnx.export(model, (sample,), str(temporary), dynamo=False, opset_version=opset,
+                torch.onnx.export(traced, (sample,), str(temporary), dynamo=False, opset_version=opset,
                                   input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                                   dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: {0: "batch"}})
+                if metadata:
+                    set_metadata(temporary, metadata)
     finally:
         model.train(was_training)
     return path

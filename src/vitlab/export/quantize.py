@@ -26,7 +26,7 @@ from torch import nn
 
 from vitlab.atomic import atomic_path
 from vitlab.errors import VitlabError
-from vitlab.export.onnx import INPUT_NAME, export_onnx, require_onnxruntime, writable_path
+from vitlab.export.onnx import INPUT_NAME, export_onnx, require_onnxruntime, set_metadata, writable_path
 from vitlab.precision import autocast, cpu_bf16_units
 
 QUANTIZE_MODES = ("int8",)
@@ -37,8 +37,9 @@ def check_quantize_mode(mode: str) -> None:
         raise VitlabError(f"quantize must be one of {QUANTIZE_MODES}, got {mode!r}")
 
 
-def export_int8_onnx(model: nn.Module, path: str | Path) -> Path:
-    """Write `model` as an ONNX graph (dynamic axes as `export_onnx`) whose MatMul/Gemm layers are dynamic int8."""
+def export_int8_onnx(model: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write `model` as an ONNX graph (dynamic axes, size checks and `metadata` as `export_onnx`) whose MatMul/Gemm
+    layers are dynamic int8."""
     path = writable_path(path)
     require_onnxruntime()
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -52,6 +53,8 @@ def export_int8_onnx(model: nn.Module, path: str | Path) -> Path:
             with atomic_path(path) as temporary:
                 quantize_dynamic(str(fp32), str(temporary), weight_type=QuantType.QInt8, per_channel=True,
                                  op_types_to_quantize=["MatMul", "Gemm"])
+                if metadata:
+                    set_metadata(temporary, metadata)
     finally:
         root.setLevel(level)
     return path

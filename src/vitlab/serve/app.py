@@ -28,7 +28,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from vitlab.serve.batching import Batcher
-from vitlab.serve.model import MAX_PIXELS, Answer, ImageProblem, ServedModel, check_image, decode_upload, overlay_png
+from vitlab.serve.model import MAX_PIXELS, Answer, ImageProblem, ServedModel, check_image, overlay_png
 
 log = logging.getLogger("vitlab.serve")
 CONFIG_ENV = "VITLAB_SERVE_CONFIG"  # the ServeConfig as JSON, for each worker process uvicorn starts
@@ -204,8 +204,8 @@ def create_app(config: ServeConfig, served: ServedModel | None = None) -> FastAP
                                     "class-token attention to roll out")
         data = await uploaded_image(request, limit)
         image_format, width, height = await run_in_threadpool(check_image, data, config.max_pixels)
-        pixels = await run_in_threadpool(decode_upload, data, served.mode, served.size)
-        answer = await batcher.submit((torch.from_numpy(pixels), attention == "rollout", layers))
+        inputs = await run_in_threadpool(served.prepare, data)
+        answer = await batcher.submit((inputs, attention == "rollout", layers))
         top = answer.probabilities.topk(min(top_k, len(served.classes)))
         rollout = None
         if answer.rollout is not None:

@@ -68,10 +68,10 @@ def check_image(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[str, int, in
     return image_format, width, height
 
 
-def decode_upload(data: bytes, mode: str, size: tuple[int, int]) -> np.ndarray:
-    """uint8 (C, H, W) exactly as `vitlab predict` reads a file (`read_image`); undecodable pixels → 422."""
+def decode_upload(data: bytes, mode: str) -> Image.Image:
+    """The upload decoded as `vitlab predict` decodes a file (`vitlab.data.images`); undecodable pixels → 422."""
     try:
-        return fit_image(decode_image(data, "upload", mode), size)
+        return decode_image(data, "upload", mode)
     except VitlabError as error:
         reason = str(error).partition("cannot read image ")[2] or str(error)
         raise ImageProblem(422, f"cannot decode the image {reason}") from None
@@ -85,7 +85,7 @@ def overlay_png(data: bytes, heatmap: torch.Tensor, model_size: tuple[int, int],
 
     scale = side / min(model_size)
     size = (round(model_size[0] * scale), round(model_size[1] * scale))
-    crop = decode_upload(data, "RGB", size).transpose(1, 2, 0).astype(np.float32) / 255.0
+    crop = fit_image(decode_upload(data, "RGB"), size).transpose(1, 2, 0).astype(np.float32) / 255.0
     heat = heatmap.double()
     heat = (heat - heat.min()) / (heat.max() - heat.min()).clamp(min=1e-12)
     heat = torch.nn.functional.interpolate(heat[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
@@ -107,11 +107,12 @@ class Answer:
 
 
 class ServedModel:
-    """A checkpoint loaded as `vitlab predict` loads it (`load_for_use`, `class_names`, `EvalTransform`)."""
+    """A checkpoint loaded and fed as `vitlab predict` does (`vitlab.eval.predictor`): its card's class names and
+    preprocessing where it has them."""
 
     def __init__(self, checkpoint: str, model_name: str | None = None, device: str = "auto",
                  precision: str = "auto") -> None:
-        from vitlab.commands.evaluate import class_names, load_for_use
+        from vitlab.eval.predictor import card_of, load_for_use
         from vitlab.train.run_dir import checkpoint_train_config
         from vitlab.models.registry import config_to_dict
 
@@ -120,10 +121,13 @@ class ServedModel:
         if config.in_chans not in (1, 3):
             raise VitlabError(f"{checkpoint}: cannot serve a model with {config.in_chans} input channels; "
                               "only 1 (gray) or 3 (RGB)")
-        self.classes = class_names(checkpoint, config.num_classes)
+        card = card_of(self.model)
+        self.classes = card.class_names(config.num_classes)
         self.size: tuple[int, int] = tuple(config.img_size)  # type: ignore[assignment]
         self.mode = "L" if config.in_chans == 1 else "RGB"
-        self.transform = EvalTransform(self.size)
+        # The checkpoint's own resize, crop and normalisation when its card has them, else predict's default.
+        self.transform = (card.preprocessing.transform(self.size) if card.preprocessing is not None
+                          else self._default_transform)
         self.precision = serving_precision(precision, self.device)
         train_config = checkpoint_train_config(Path(checkpoint))
         self.name = model_name or (train_config.model if train_config else Path(checkpoint).stem)
@@ -135,15 +139,25 @@ class ServedModel:
             "num_classes": len(self.classes), "image_size": list(self.size), "in_chans": config.in_chans,
             "device": str(self.device), "precision": self.precision,
             "attention": ["rollout"] if self.has_rollout else [], "config": config_to_dict(config)}
-        self.preprocessing: dict[str, Any] = {
-            "mode": self.mode, "exif_transpose": True,
-            "resize": f"shorter side to {min(self.size)} px (bicubic), centre crop {self.size[0]}x{self.size[1]}",
-            "normalize": {"mean": MEAN, "std": STD, "scale": "x / 255"}}
+        self.preprocessing: dict[str, Any] = (
+            {"mode": self.mode, "exif_transpose": True, **card.preprocessing.to_dict(self.size)}
+            if card.preprocessing is not None else
+            {"mode": self.mode, "exif_transpose": True,
+             "resize": f"shorter side to {min(self.size)} px (bicubic), centre crop {self.size[0]}x{self.size[1]}",
+             "normalize": {"mean": MEAN, "std": STD, "scale": "x / 255"}})
+
+    def _default_transform(self, image: Image.Image) -> torch.Tensor:
+        """Predict's input for a checkpoint without preprocessing: fitted, centre-cropped, mean = std = 0.5."""
+        return EvalTransform(self.size)(torch.from_numpy(fit_image(image, self.size))[None])[0]
+
+    def prepare(self, data: bytes) -> torch.Tensor:
+        """An upload as the model's normalised (C, H, W) input."""
+        return self.transform(decode_upload(data, self.mode))
 
     def run(self, images: torch.Tensor, rollout: list[bool], layers: list[bool] | None = None) -> list[Answer]:
-        """One forward pass for a (B, C, H, W) uint8 batch; rollout maps only for the images that ask for one (and
-        per-layer maps only where `layers` asks: L rollouts of 1..L layers cost O(L²) matrix products)."""
-        inputs = self.transform(images).to(self.device)
+        """One forward pass for a (B, C, H, W) batch of `prepare`d inputs; rollout maps only for the images that ask
+        for one (and per-layer maps only where `layers` asks: L rollouts of 1..L layers cost O(L²) products)."""
+        inputs = images.to(self.device)
         with torch.inference_mode():
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
                 logits = self.model(inputs)

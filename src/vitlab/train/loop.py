@@ -28,7 +28,7 @@ from vitlab.data.shards import ShardSet, is_shard_dataset, load_shard_split
 from vitlab.errors import TrainingDiverged, VitlabError
 from vitlab.eval.metrics import evaluate
 from vitlab.models.registry import build_model, config_to_dict, model_config
-from vitlab.precision import resolve_amp
+from vitlab.precision import resolve_amp, select_device
 from vitlab.train import checkpoint as ckpt
 from vitlab.train import distributed
 from vitlab.train.batches import Batch, BatchSource, batch_source
@@ -47,19 +47,6 @@ RESUME_FIXED = ("dataset", "subset", "seed", "batch_size", "epochs", "optimizer"
 class Data:
     train: ImageTensors | ShardSet  # a ShardSet streams WebDataset shards instead of holding the images
     test: ImageTensors
-
-
-def select_device(name: str) -> torch.device:
-    """`auto` picks CUDA when present, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise VitlabError(f"unknown device {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise VitlabError("device cuda was asked for but CUDA is not available")
-    return device
 
 
 def load_data(config: TrainConfig, img_size: int) -> Data:

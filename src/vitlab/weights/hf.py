@@ -248,11 +248,15 @@ def _read_json_object(path: Path) -> dict[str, Any]:
     return data
 
 
-def write_directory(directory: str | os.PathLike[str], state: dict[str, torch.Tensor], config: ViTConfig) -> None:
-    """Write `config.json` and `model.safetensors` that `from_pretrained(directory)` opens."""
+def write_directory(directory: str | os.PathLike[str], state: dict[str, torch.Tensor], config: ViTConfig,
+                    id2label: dict[str, str] | None = None, label2id: dict[str, int] | None = None) -> None:
+    """Write `config.json` (with the given labels, else LABEL_i) and `model.safetensors` that
+    `from_pretrained(directory)` opens."""
     directory = Path(directory)
     hf_state = from_state_dict(state, config)
     hf_config = config_to_hf(config)
+    if id2label is not None and config.num_classes > 0:
+        hf_config["id2label"], hf_config["label2id"] = id2label, label2id
     directory.mkdir(parents=True, exist_ok=True)
     write_safetensors(directory / WEIGHTS_NAME, hf_state, metadata={"format": "pt"})
     with atomic_writer(directory / CONFIG_NAME) as handle:

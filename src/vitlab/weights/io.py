@@ -16,13 +16,14 @@ import json
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from vitlab.atomic import atomic_writer
 from vitlab.errors import VitlabError
 from vitlab.models.layers import resample_position_embedding
 from vitlab.models.mixer import MixerConfig
@@ -30,13 +31,17 @@ from vitlab.models.registry import (apply_overrides, build_model, config_from_di
                                     get_family, model_config)
 from vitlab.models.resnet import ResNetConfig
 from vitlab.models.vit import ViTConfig
-from vitlab.weights import hf, mixer, npz, resnet, timm
+from vitlab.weights import hf, hub, mixer, npz, resnet, timm
+from vitlab.weights.card import ModelCard, Preprocessing, card_from_hf, hf_labels, hf_processor_config
 from vitlab.weights.files import describe_keys, load_torch_tensors, read_safetensors, write_safetensors
 
 FORMATS = ("vitlab", "npz", "timm", "hf")
 CONFIG_METADATA_KEY = "vitlab_config"
 MODEL_PREFIX = "model/"  # training checkpoints: the weights to use; other prefixes hold optimiser/EMA state
 RUN_FILES = ("best.safetensors", "last.safetensors")
+HF_PROCESSOR_NAME = "preprocessor_config.json"
+TIMM_WEIGHTS_NAME = "model.safetensors"  # timm's Hugging Face Hub layout: these two files in one directory
+TIMM_CONFIG_NAME = "config.json"
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 # What `load_model(path, model_name)` takes from the file rather than from the named model.
 _FILE_FIELDS_WITH_NAME = ("num_classes", "img_size", "representation_size", "pool", "qkv_bias", "act",
@@ -59,6 +64,7 @@ class WeightFile:
     grid: tuple[int, int] | None  # patch grid the position embedding was trained at, when known
     resample: str | None = None  # position-embedding resample mode the format prescribes
     family: str = "vit"  # the registry family whose layout `state_dict` is in
+    card: ModelCard = field(default_factory=ModelCard)  # class names and preprocessing, where the file has them
 
 
 def resolve_path(path: str | os.PathLike[str]) -> Path:
@@ -80,8 +86,14 @@ def read_weights(path: str | os.PathLike[str]) -> WeightFile:
     path = resolve_path(path)
     source = str(path)
     if path.is_dir():
+        if _is_timm_directory(path):
+            return _timm_directory(path)
         state, fields = hf.read_directory(path)
-        return WeightFile(path, "hf", state, fields, _complete_config(fields, source), _grid_of(fields))
+        processor = path / HF_PROCESSOR_NAME
+        card = card_from_hf(hf._read_json_object(path / hf.CONFIG_NAME),
+                            hf._read_json_object(processor) if processor.is_file() else None,
+                            fields["num_classes"], source)
+        return WeightFile(path, "hf", state, fields, _complete_config(fields, source), _grid_of(fields), card=card)
     suffix = path.suffix.lower()
     if suffix == ".npz":
         arrays = npz.read_npz(path)
@@ -95,7 +107,9 @@ def read_weights(path: str | os.PathLike[str]) -> WeightFile:
     if suffix == ".safetensors":
         tensors, metadata = read_safetensors(path)
         if CONFIG_METADATA_KEY in metadata:
-            return _vitlab_file(path, tensors, metadata[CONFIG_METADATA_KEY])
+            file = _vitlab_file(path, tensors, metadata[CONFIG_METADATA_KEY])
+            file.card = ModelCard.from_metadata(metadata, source)
+            return file
     elif suffix in TORCH_SUFFIXES:
         tensors = load_torch_tensors(path)
     else:
@@ -122,6 +136,34 @@ def read_weights(path: str | os.PathLike[str]) -> WeightFile:
     fields, grid = _shape_fields(state, source)
     fields.update(timm.numerics_from_metadata(metadata, ViTConfig, source))
     return WeightFile(path, file_format, state, fields, None, grid)
+
+
+def _is_timm_directory(path: Path) -> bool:
+    """timm's Hub layout: a config.json naming an `architecture` (HF's names a `model_type`) and model.safetensors."""
+    data = hf._read_json_object(path / TIMM_CONFIG_NAME)
+    return "architecture" in data and "model_type" not in data and (path / TIMM_WEIGHTS_NAME).is_file()
+
+
+def _timm_directory(path: Path) -> WeightFile:
+    """A timm Hub directory: the weights as a timm file, the config from `model_args` (as `save_weights` writes
+    them; a directory without them needs a model name, as any timm file does) and the card from `label_names` and
+    `pretrained_cfg`."""
+    source = str(path)
+    data = hf._read_json_object(path / TIMM_CONFIG_NAME)
+    state = timm.to_state_dict(read_safetensors(path / TIMM_WEIGHTS_NAME)[0], source)
+    fields, grid = _shape_fields(state, source)
+    config = None
+    if isinstance(data.get("model_args"), dict):
+        config = timm.config_from_model_args(data["model_args"], source)
+        fields = {field.name: getattr(config, field.name) for field in dataclasses.fields(config)}
+    cfg = data.get("pretrained_cfg") if isinstance(data.get("pretrained_cfg"), dict) else {}
+    preprocessing = None
+    if "mean" in cfg:
+        preprocessing = Preprocessing.from_dict({**cfg, "crop_mode": cfg.get("crop_mode", "center"),
+                                                 "crop_pct": cfg.get("crop_pct") or 1.0}, f"{source}: pretrained_cfg")
+    classes = data.get("label_names", cfg.get("label_names"))
+    card = ModelCard(tuple(map(str, classes)) if isinstance(classes, list) else None, preprocessing)
+    return WeightFile(path, "timm", state, fields, config, grid, card=card)
 
 
 def _vitlab_file(path: Path, tensors: dict[str, torch.Tensor], config_json: str) -> WeightFile:
@@ -333,16 +375,33 @@ def _apply_numerics(model: nn.Module, file: WeightFile) -> None:
         model.set_numerics(**changes)
 
 
+def locate(spec: str | os.PathLike[str], model_name: str | None = None, mirror: str | None = None
+           ) -> tuple[Path, ModelCard | None]:
+    """The local file for `spec` and the catalogue's card when it is a catalogue name.
+
+    A path that exists always wins; otherwise a catalogue name (`vit-s16:augreg-in21k-ft-in1k`, a bare tag with
+    `model_name`, timm's or Hugging Face's spelling) is downloaded once into the cache, verified, and its path
+    returned. Anything else that exists nowhere is a missing file, or a one-line error naming close matches."""
+    path = Path(spec)
+    if path.exists() or not hub.looks_like_name(str(spec)):
+        return path, None
+    entry = hub.resolve_name(str(spec), model_name)
+    return hub.download(entry, mirror=mirror), entry.card()
+
+
 def load_model(path: str | os.PathLike[str], model_name: str | None = None, **overrides: Any) -> nn.Module:
-    """Build the model a weight file describes and load it.
+    """Build the model a weight file (or catalogue name, see `locate`) describes and load it.
 
     vitlab files, Hugging Face directories and `.npz` files carry or imply their config (a `model_name` given
     for them is only checked against it). timm files do not record the head count, so they need `model_name`,
     whose config then takes the file's class count, image size, pooling, qkv biases and pre-logits width.
     `overrides` (e.g. `img_size=384`, `num_classes=10`) change the config before loading; a changed class count
-    or pre-logits width starts a new zero head.
+    or pre-logits width starts a new zero head. The model's `card` attribute holds the file's class names and
+    preprocessing (for a catalogue name: the catalogue's preprocessing).
     """
+    path, catalogue_card = locate(path, model_name)
     file = read_weights(path)
+    card = catalogue_card or file.card
     if file.config is not None:
         config = file.config
         if model_name is not None:
@@ -363,7 +422,9 @@ def load_model(path: str | os.PathLike[str], model_name: str | None = None, **ov
                           "pass model_name (`--model NAME` on the command line; see `vitlab models`)")
     config = apply_overrides(config, overrides)
     reset_head = bool({"num_classes", "representation_size"} & set(overrides))
-    return _load_into(_uninitialised_model(config, file, reset_head), file, reset_head=reset_head, strict=True)
+    model = _load_into(_uninitialised_model(config, file, reset_head), file, reset_head=reset_head, strict=True)
+    model.card = card.for_model(model.config.num_classes)
+    return model
 
 
 def _check_named(config: Any, model_name: str, path: Path, family: str) -> None:
@@ -433,14 +494,24 @@ def save_weights(model: nn.Module, path: str | os.PathLike[str], format: str = "
     `vitlab`: one safetensors file whose metadata holds the config; `timm`: safetensors under timm's keys;
     `npz`: Google's VT/AugReg layout (BiT's for a ResNet, Mixer's for a Mixer); `hf`: a directory
     `transformers.ViTForImageClassification` (or `ViTModel` without a head) opens with `from_pretrained`.
+    The model's `card` (class names, preprocessing) goes with it: safetensors metadata, HF's `id2label` and
+    `preprocessor_config.json`, timm's `config.json` when `path` is a directory; `.npz` has no place for it.
     """
     if format not in FORMATS:
         raise VitlabError(f"unknown weight format {format!r}; choose one of {', '.join(FORMATS)}")
     path = Path(path)
     config = model.config
     state = {key: value.detach() for key, value in model.state_dict().items()}
+    card = model_card(model)
     if format == "vitlab":
-        write_safetensors(path, state, {CONFIG_METADATA_KEY: json.dumps(config_to_dict(config))})
+        write_safetensors(path, state, {CONFIG_METADATA_KEY: json.dumps(config_to_dict(config)),
+                                        **card.to_metadata(config.img_size)})
+        return path
+    if format == "hf" and family_of(config) == "vit":
+        _write_hf(path, state, config, card)
+        return path
+    if format == "timm" and family_of(config) == "vit" and path.suffix == "":
+        _write_timm_directory(path, state, config, card)
         return path
     writer = _WRITERS.get(family_of(config), {}).get(format)
     if writer is None:
@@ -449,6 +520,46 @@ def save_weights(model: nn.Module, path: str | os.PathLike[str], format: str = "
                           f"not {type(config).__name__}")
     writer(path, state, config)
     return path
+
+
+def model_card(model: nn.Module) -> ModelCard:
+    """The model's card (`load_model` attaches one), fitted to its head; an empty card for other models."""
+    card = getattr(model, "card", None)
+    if not isinstance(card, ModelCard):
+        return ModelCard()
+    return card.for_model(getattr(model.config, "num_classes", 0))
+
+
+def _write_hf(path: Path, state: dict[str, torch.Tensor], config: Any, card: ModelCard) -> None:
+    """A HF directory with the card's labels in config.json and its preprocessing in preprocessor_config.json
+    (the default ViT preprocessing, mean = std = 0.5 and bicubic, when the card has none)."""
+    id2label = label2id = None
+    if card.classes is not None:
+        id2label, label2id = hf_labels(card.classes)
+    hf.write_directory(path, state, config, id2label, label2id)
+    processor = hf_processor_config(card.preprocessing or Preprocessing(), config.img_size)
+    with atomic_writer(path / HF_PROCESSOR_NAME) as handle:
+        handle.write((json.dumps(processor, indent=2) + "\n").encode())
+
+
+def _write_timm_directory(path: Path, state: dict[str, torch.Tensor], config: Any, card: ModelCard) -> None:
+    """timm's Hub layout: `model.safetensors` and a `config.json` with the architecture and its arguments, the
+    class names and the pretrained cfg, which `timm.create_model("local-dir:PATH", pretrained=True)` reads."""
+    path.mkdir(parents=True, exist_ok=True)
+    write_safetensors(path / TIMM_WEIGHTS_NAME, timm.from_state_dict(state, config), {"format": "pt"})
+    preprocessing = card.preprocessing or Preprocessing()
+    pretrained_cfg = {"input_size": [config.in_chans, *config.img_size], "fixed_input_size": True,
+                      "interpolation": preprocessing.interpolation, "crop_pct": preprocessing.crop_pct,
+                      "crop_mode": preprocessing.crop_mode, "mean": list(preprocessing.mean),
+                      "std": list(preprocessing.std), "num_classes": config.num_classes,
+                      "first_conv": "patch_embed.proj", "classifier": "head"}
+    data: dict[str, Any] = {"architecture": "vit_base_patch16_224", "num_classes": config.num_classes,
+                            "num_features": config.embed_dim, "global_pool": config.pool.replace("gap", "avg"),
+                            "model_args": timm.model_args(config), "pretrained_cfg": pretrained_cfg}
+    if card.classes is not None:
+        data["label_names"] = list(card.classes)
+    with atomic_writer(path / TIMM_CONFIG_NAME) as handle:
+        handle.write((json.dumps(data, indent=2) + "\n").encode())
 
 
 def _write_timm_keys(path: Path, state: dict[str, torch.Tensor], config: Any) -> None:
@@ -469,3 +580,15 @@ _WRITERS: dict[str, dict[str, Callable[[Path, dict[str, torch.Tensor], Any], Non
               "npz": lambda path, state, config: npz.write_npz(path, mixer.from_state_dict(state, config))},
 }
 
+
+def load_pretrained(model: nn.Module, model_name: str, tag: str, cache: Path | None = None) -> nn.Module:
+    """Download (once, verified; see `vitlab.weights.hub`) the checkpoint `tag` of `model_name` into `model`.
+
+    The position embedding is resampled to the model's image size with the official mode; a model whose class
+    count (or pre-logits layer) differs from the checkpoint's gets a new zero-initialised head. The model's `card`
+    is the catalogue's preprocessing.
+    """
+    entry = hub.get_pretrained(model_name, tag)
+    load_weights(model, hub.download(entry, cache), reset_head=True)
+    model.card = entry.card()
+    return model

@@ -136,3 +136,38 @@ def numerics_from_metadata(metadata: dict[str, str], config_type: type, source: 
     elif config_type is ViTConfig:
         fields["hybrid_numerics"] = weight_std
     return fields
+
+
+def model_args(config: ViTConfig) -> dict[str, Any]:
+    """Keyword arguments for timm's `VisionTransformer` that build `config`'s architecture (a timm config.json's
+    `model_args`); hybrids and LayerNorm epsilons other than timm's 1e-6 have no JSON-able form there."""
+    if config.hybrid_layers is not None:
+        raise VitlabError("a hybrid ViT's timm config needs a ResNet backbone object; write a single file instead")
+    if config.layer_norm_eps != 1e-6:
+        raise VitlabError(f"timm's config.json cannot set layer_norm_eps={config.layer_norm_eps} (timm uses 1e-6)")
+    return {"img_size": list(config.img_size), "patch_size": config.patch_size, "in_chans": config.in_chans,
+            "num_classes": config.num_classes, "embed_dim": config.embed_dim, "depth": config.depth,
+            "num_heads": config.num_heads, "mlp_ratio": config.mlp_dim / config.embed_dim,
+            "qkv_bias": config.qkv_bias, "class_token": config.pool == "token",
+            "global_pool": "token" if config.pool == "token" else "avg", "fc_norm": False,
+            "pos_embed": "none" if config.posemb == "none" else "learn",
+            **({"act_layer": config.act} if config.act != "gelu" else {})}  # timm's get_act_layer knows gelu_tanh
+
+
+def config_from_model_args(args: dict[str, Any], source: str) -> ViTConfig:
+    """The inverse of `model_args`: the ViTConfig a timm config.json's `model_args` describe."""
+    if args.get("fc_norm") or args.get("pos_embed", "learn") not in ("learn", "none"):
+        raise VitlabError(f"{source}: model_args {args} describe a timm ViT variant vitlab does not implement")
+    try:
+        embed_dim = int(args.get("embed_dim", 768))
+        return ViTConfig(img_size=args.get("img_size", 224), patch_size=int(args.get("patch_size", 16)),
+                         in_chans=int(args.get("in_chans", 3)), num_classes=int(args.get("num_classes", 1000)),
+                         embed_dim=embed_dim, depth=int(args.get("depth", 12)),
+                         num_heads=int(args.get("num_heads", 12)),
+                         mlp_dim=round(float(args.get("mlp_ratio", 4.0)) * embed_dim),
+                         qkv_bias=bool(args.get("qkv_bias", True)),
+                         pool="token" if args.get("global_pool", "token") == "token" else "gap",
+                         posemb="none" if args.get("pos_embed") == "none" else "learned",
+                         act=args.get("act_layer") or "gelu")
+    except (TypeError, ValueError) as error:  # VitlabError is a ValueError
+        raise VitlabError(f"{source}: invalid model_args ({error})") from None
