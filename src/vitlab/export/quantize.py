@@ -1,10 +1,9 @@
 """int8 inference: the model's dense layers as dynamic int8 matrix products, run by ONNX Runtime.
 
-ONNX Runtime's dynamic quantisation was the fastest int8 path measured on this project's 2-core AVX-512 machine
-(ViT-S/16, batch 32, 2 threads): about 1.7× PyTorch's `torch.ao` dynamic int8 Linear, while torchao's int8
-dynamic-activation config ran slower than fp32. Weights are int8 per output channel; activations are quantised
-per tensor on the fly, so no calibration data is needed. The patch-embedding convolution and attention's
-Q·Kᵀ and P·V products stay fp32: the dense layers carry about 90% of a ViT's FLOPs.
+ONNX Runtime's dynamic quantisation is used because it was the fastest int8 path on CPU, ahead of PyTorch's
+`torch.ao` dynamic int8 Linear and torchao (docs/performance.md, int8). Weights are int8 per output channel;
+activations are quantised per tensor on the fly, so no calibration data is needed. The patch-embedding convolution
+and attention's Q·Kᵀ and P·V products stay fp32: the dense layers carry most of a ViT's FLOPs.
 """
 
 from __future__ import annotations
