@@ -1,8 +1,8 @@
 """Keep freed memory in the process instead of handing it back to the OS (glibc only).
 
 glibc serves large blocks with mmap and trims the heap top eagerly, so every step of a training or inference loop
-unmaps its activations when they are freed and page-faults them in again on the next step: up to 20% of a CPU
-step here (README, Performance). Fixed thresholds stop that, at the cost of a process that keeps its peak heap.
+unmaps its activations when they are freed and page-faults them in again on the next step, a sizeable share of a
+CPU step (docs/performance.md). Fixed thresholds stop that, at the cost of a process that keeps its peak heap.
 """
 
 from __future__ import annotations

@@ -1,13 +1,12 @@
 """int8 inference: the model's dense layers as dynamic int8 matrix products, run by ONNX Runtime (or PyTorch).
 
-ONNX Runtime's dynamic quantisation was the fastest int8 path measured on this project's 2-core AVX-512 machine
-(ViT-S/16, batch 32, 2 threads): about 1.7× PyTorch's `torch.ao` dynamic int8 Linear, while torchao's int8
-dynamic-activation config ran slower than fp32. Weights are int8 per output channel; activations are quantised
-per tensor on the fly, so no calibration data is needed. The patch-embedding convolution and attention's
-Q·Kᵀ and P·V products stay fp32: the dense layers carry about 90% of a ViT's FLOPs. `torch_int8_model` is
-PyTorch's own dynamic int8 (`torch.ao`, the x86 engine's VNNI kernels), kept for `benchmarks/int8_speed.py` to set
-against ONNX Runtime's on each CPU. On a CPU with bf16 units, bf16 autocast may beat both: `bf16_against_int8`
-times the two on the machine at hand.
+ONNX Runtime's dynamic quantisation is used because it was the fastest int8 path on CPU, ahead of PyTorch's
+`torch.ao` dynamic int8 Linear and torchao (docs/performance.md, int8). Weights are int8 per output channel;
+activations are quantised per tensor on the fly, so no calibration data is needed. The patch-embedding convolution
+and attention's Q·Kᵀ and P·V products stay fp32: the dense layers carry most of a ViT's FLOPs.
+`torch_int8_model` is PyTorch's own dynamic int8 (`torch.ao`, the x86 engine's VNNI kernels), kept for
+`benchmarks/int8_speed.py` to set against ONNX Runtime's on each CPU. On a CPU with bf16 units, bf16 autocast may
+beat both: `bf16_against_int8` times the two on the machine at hand.
 """
 
 from __future__ import annotations
@@ -105,7 +104,7 @@ def torch_int8_model(model: nn.Module) -> nn.Module:
 
 def bf16_against_int8(model: nn.Module, int8: nn.Module, batch: int = 8, calls: int = 3
                       ) -> tuple[float, float] | None:
-    """img/s of `model` under bf16 autocast and of its int8 stand-in, each timed `calls` times in turn on `batch`
+    """Images per second of `model` under bf16 autocast and of its int8 stand-in, each timed `calls` times in turn on `batch`
     random images at the model's size after a warm-up call (best of the calls), on the CPU; None where the CPU has no
     bf16 units, as bf16 would be emulated there and slower than fp32."""
     if cpu_bf16_units() is None:

@@ -30,16 +30,10 @@ class Attention(nn.Module):
     With `return_attention=True` the same Q and K are multiplied explicitly, so the probabilities returned are
     exactly the ones the fused kernel uses internally. On CPU, sequences of at most `EXPLICIT_MAX_TOKENS` take the
     explicit path too, from a batch of `EXPLICIT_MIN_BATCH` up: there SDPA's flash kernel costs more than three
-    plain matmuls (measured on 2 Zen3 cores, training steps of a width-128 ViT: 1.22x faster at 9 tokens, 1.12x
-    at 16, equal at 49, slower at 197; width-96 inference at batch 256: 1.43x at 9 tokens). Smaller batches,
-    where Python's per-op cost dominates, keep SDPA's single call (width-96 inference at batch 1-4: 1.03-1.17x
-    faster than the explicit path's five ops). Below `KEY_MAJOR_MAX_TOKENS` the scores are laid out keys ×
-    queries, because PyTorch's CPU softmax over a short last dim is slow (+4-5% on the same training step at 9
-    tokens). In bf16 on CPU (autocast) longer sequences take the explicit path too: the flash kernel's bf16
-    backward is slow there, and attention's forward + backward took 3-7x as long as three bf16 matmuls (9.9
-    against 30.9 ms for Ti/16's shapes at batch 32, on AVX512-BF16 cores); Ti/16's bf16 inference is 1.09-1.30x
-    faster on it at batch 1-32. Short sequences in small batches keep SDPA in bf16 as well (1.11-1.17x at batch
-    1-4).
+    plain matmuls, while smaller batches, where Python's per-op cost dominates, keep SDPA's single call. Below
+    `KEY_MAJOR_MAX_TOKENS` the scores are laid out keys × queries, because PyTorch's CPU softmax over a short last
+    dim is slow. Under bf16 autocast on CPU longer sequences take the explicit path too, because the flash kernel's
+    bf16 backward is slow there. docs/performance.md has the measurements behind these thresholds.
     """
 
     EXPLICIT_MAX_TOKENS = 32
@@ -70,7 +64,7 @@ class Attention(nn.Module):
         few_calls = short and batch < self.EXPLICIT_MIN_BATCH  # per-op cost dominates: one SDPA call is cheaper
         if return_attention or (on_cpu and not few_calls and (short or q.dtype == torch.bfloat16)):
             if tokens < self.KEY_MAJOR_MAX_TOKENS and on_cpu:
-                # forward + backward of the softmax at 9 tokens: 434 us over the last dim, 122 us over dim -2
+                # PyTorch's CPU softmax is slow over a short last dim, so it runs over dim -2 instead
                 probs = (k @ (q * self.scale).transpose(-2, -1)).softmax(dim=-2).transpose(-2, -1)
             else:
                 probs = (q * self.scale @ k.transpose(-2, -1)).softmax(dim=-1)

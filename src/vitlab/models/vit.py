@@ -280,7 +280,7 @@ class VisionTransformer(nn.Module):
         return self.pos_drop(tokens)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each block's activations in the backward pass: less memory for big models, ~30% more time."""
+        """Recompute each block's activations in the backward pass: less memory, for a second forward pass."""
         self.grad_checkpointing = enable
 
     def drop_patches(self, tokens: torch.Tensor) -> torch.Tensor:
