@@ -169,6 +169,7 @@ def load_checkpoint(directory: Path, name: str = "last") -> tuple[dict[str, torc
         if seen_any:
             raise VitlabError(f"{directory}: no intact '{name}' checkpoint (checksums do not match); "
                               "remove the files to start over")
+        _refuse_orphan_tensors(directory, name)
         return None
     _, record, tensors, state = pairs[0]
     if record.name != f"{name}.json" or tensors.name != f"{name}.safetensors":
@@ -178,6 +179,39 @@ def load_checkpoint(directory: Path, name: str = "last") -> tuple[dict[str, torc
         return load_file(tensors), state
     except (SafetensorError, OSError) as error:
         raise VitlabError(f"{tensors}: unreadable checkpoint: {error}") from None
+
+
+def _refuse_orphan_tensors(directory: Path, name: str) -> None:
+    """Tensors of checkpoint NAME without any record cannot be verified nor resumed, and starting over would
+    overwrite them: refused by name. A first save killed between its two renames leaves its record staged
+    (`.NAME.json.staging`); starting over then loses only the steps since the start, as the kill did."""
+    orphan = next((path for path in _tensor_files(directory, name) if path.exists()), None)
+    if orphan is None or (directory / f".{name}.json.staging").exists():
+        return
+    if not any(record.exists() for record, _ in _candidates(directory, name)):
+        raise VitlabError(f"{orphan} has no record ({name}.json): it cannot be resumed, and starting over would "
+                          "overwrite it; move it away to start over")
+
+
+def verified_tensor_file(path: Path) -> Path:
+    """The tensor file to read for `path`, a checkpoint's `NAME.safetensors` in a run directory, checked against the
+    SHA-256 its record holds, as a resume does: `path` itself when it matches, else (for `NAME.safetensors`) the
+    previous good pair's tensors, with a warning; refused in one line when no pair matches. A file without a
+    checkpoint record beside it (any other weights file) has no checksum to check and is returned as it is."""
+    directory, stem = path.parent, path.name.removesuffix(".safetensors")
+    name = stem.removesuffix(".prev")
+    if not any(_read_record(record) is not None for record, _ in _candidates(directory, name) if record.is_file()):
+        return path
+    pairs = _consistent(directory, name, cached=False)
+    if any(tensors.name == path.name for _, _, tensors, _ in pairs):
+        return path
+    if not pairs or stem != name:
+        raise VitlabError(f"{path} does not match the checksum its run's record holds: the file is corrupt or was "
+                          "changed")
+    _, _, tensors, state = pairs[0]
+    warnings.warn(f"{path} does not match the checksum its record holds; using the previous good checkpoint "
+                  f"{tensors.name} (step {state.get('step')})", stacklevel=2)
+    return tensors
 
 
 def optimizer_to_tensors(optimizer: torch.optim.Optimizer, prefix: str = "optim/"
