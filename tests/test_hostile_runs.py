@@ -158,6 +158,21 @@ def test_a_record_path_that_is_a_link_is_refused_and_nothing_is_written_outside(
     assert not outside.exists()
 
 
+def test_a_fifo_as_a_record_is_refused_not_waited_on(trained: Path, run: Path) -> None:
+    """In a subprocess with a time limit: reading a FIFO would wait for a writer forever."""
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    for name, argv in (("last.json", ["eval", str(run)]), ("metrics.jsonl", train_args(run, "--resume"))):
+        (run / name).unlink()
+        os.mkfifo(run / name)
+        done = subprocess.run([sys.executable, "-m", "vitlab", *argv], env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 2, done.stderr
+        assert str(run / name) in done.stderr and "regular file" in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+        (run / name).unlink()
+        shutil.copy(trained / name, run / name)
+
+
 # ------------------------------------------------------------------------------------------- 5. .npz image size
 @pytest.mark.parametrize("posemb", ["learned", "sincos2d"])
 def test_npz_round_trip_of_a_28_px_model_keeps_its_size_or_refuses_to_guess(posemb: str, tmp_path: Path) -> None:

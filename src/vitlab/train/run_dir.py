@@ -34,9 +34,12 @@ from vitlab.train.config import TrainConfig, config_from_json
 
 
 def read_record(path: Path) -> dict[str, Any] | None:
-    """A checkpoint record (`NAME.json`) as a dict, or None when there is none; unreadable ones are refused."""
+    """A checkpoint record (`NAME.json`) as a dict, or None when there is none; unreadable ones, and anything but a
+    regular file in its place (a FIFO would hang the read), are refused."""
     if not path.exists():
         return None
+    if not path.is_file():
+        raise VitlabError(f"{path}: a run record must be a regular file")
     try:
         data = json.loads(path.read_bytes())
     except (OSError, ValueError, RecursionError) as error:  # ValueError: not JSON, or not UTF-8
