@@ -90,11 +90,10 @@ MAX_PIXELS = 1 << 22  # pixels per image of a model that attends to every pixel 
 MAX_PARAMETERS = 10 ** 11  # several times the largest ViT trained (22 billion)
 
 
-def check_sane_sizes(config: Any, source: str = "config", count: bool = False) -> None:
+def check_sane_sizes(config: Any, source: str = "config") -> None:
     """Refuse a model config whose sizes no real model has, before anything is built from it: every numeric field
-    within its bound (`SIZE_BOUNDS`), the tokens (or pixels) per image within `MAX_TOKENS` (`MAX_PIXELS`) and, with
-    `count` (for a config that is built without weights to check it against), the parameters, counted on a model
-    without storage, within `MAX_PARAMETERS`. `source` (a file or record) is named in the error."""
+    within its bound (`SIZE_BOUNDS`), and the tokens (or pixels) per image within `MAX_TOKENS` (`MAX_PIXELS`).
+    `source` (a file or record) is named in the error."""
     for name, value in vars(config).items():
         values = value if isinstance(value, tuple) else (value,)
         bound = SIZE_BOUNDS.get(name, _DEFAULT_BOUND)
@@ -109,13 +108,12 @@ def check_sane_sizes(config: Any, source: str = "config", count: bool = False) -
                           f"{(height // patch) * (width // patch)} tokens per image (at most {MAX_TOKENS})")
     if patch is None and height * width > MAX_PIXELS:
         raise VitlabError(f"{source}: img_size {config.img_size} has {height * width} pixels (at most {MAX_PIXELS})")
-    if count:
-        import torch
 
-        from vitlab.models.registry import build_model
 
-        with torch.device("meta"):
-            parameters = sum(parameter.numel() for parameter in build_model(config).parameters())
-        if parameters > MAX_PARAMETERS:
-            raise VitlabError(f"{source}: the model it describes has {parameters:.3g} parameters (at most "
-                              f"{MAX_PARAMETERS:.0e})")
+def check_parameter_count(model: Any, source: str = "config") -> None:
+    """Refuse a model (built without storage, on the meta device) with more than `MAX_PARAMETERS` parameters: for a
+    config that is built without weights to check it against."""
+    parameters = sum(parameter.numel() for parameter in model.parameters())
+    if parameters > MAX_PARAMETERS:
+        raise VitlabError(f"{source}: the model it describes has {parameters:.3g} parameters (at most "
+                          f"{MAX_PARAMETERS:.0e})")

@@ -31,14 +31,13 @@ from vitlab.data import EvalTransform, ImageTensors, TrainTransform, load_datase
 from vitlab.data.shards import ShardSet, is_shard_dataset, load_shard_split
 from vitlab.errors import TrainingDiverged, VitlabError
 from vitlab.eval.metrics import evaluate
-from vitlab.models.checks import check_sane_sizes
 from vitlab.models.registry import build_model, config_to_dict, model_config
 from vitlab.train import checkpoint as ckpt
 from vitlab.train import distributed
 from vitlab.train.batches import Batch, BatchSource, batch_source
 from vitlab.train.config import TrainConfig, config_from_json, config_to_json
 from vitlab.train.optim import build_optimizer, build_scheduler
-from vitlab.train.run_dir import RunDir
+from vitlab.train.run_dir import RunDir, check_buildable
 
 # Settings a resumed run must share with its checkpoint: the step → sample mapping depends on the data, subset,
 # seed and batch, the restored scheduler on the epochs and learning-rate schedule, and the restored optimizer keeps
@@ -177,7 +176,7 @@ class Trainer:
             overrides = dict(config.model_overrides)
             overrides.setdefault("in_chans", in_chans)
             built = model_config(config.model, num_classes=num_classes, img_size=config.img_size, **overrides)
-            check_sane_sizes(built, "model_overrides", count=True)
+            check_buildable(built, "model_overrides")
             return build_model(built)
         from vitlab.weights import load_model
 
@@ -190,7 +189,7 @@ class Trainer:
             from vitlab.models.registry import apply_overrides
 
             changed_cfg = apply_overrides(model_cfg, changes)
-            check_sane_sizes(changed_cfg, f"{config.init_from} with model_overrides", count=True)
+            check_buildable(changed_cfg, f"{config.init_from} with model_overrides")
             model = build_model(changed_cfg)
             state, target = _resampled_state(source, model), model.state_dict()
             differ = [key for key in state if key in target and state[key].shape != target[key].shape]

@@ -28,7 +28,8 @@ import torch
 
 from vitlab.atomic import atomic_write
 from vitlab.errors import VitlabError
-from vitlab.models.checks import check_sane_sizes
+from vitlab.models.checks import check_parameter_count, check_sane_sizes
+from vitlab.models.registry import build_model, model_config
 from vitlab.train import checkpoint as ckpt
 from vitlab.train.config import TrainConfig, config_from_json
 
@@ -59,16 +60,22 @@ def record_train_config(path: Path) -> TrainConfig | None:
     return config
 
 
+def check_buildable(config: Any, source: str) -> None:
+    """Refuse a model config (from a record or the command line, built without weights to check it against) whose
+    sizes no real model has, or whose parameters, counted on the meta device, are beyond any real model's."""
+    check_sane_sizes(config, source)
+    with torch.device("meta"):
+        check_parameter_count(build_model(config), source)
+
+
 def check_record_sizes(config: TrainConfig, path: Path) -> None:
     """Refuse a recorded training config whose model or augmentation asks for absurd sizes (a hostile
     `model_overrides` or `crop_padding`), before anything is built from it."""
-    from vitlab.models.registry import model_config
-
     try:
         model = model_config(config.model, **config.model_overrides)
     except VitlabError as error:
         raise VitlabError(f"{path}: {error}") from None
-    check_sane_sizes(model, f"{path}: model_overrides", count=True)
+    check_buildable(model, f"{path}: model_overrides")
     side = config.img_size or max(model.img_size)
     if config.crop_padding > side:
         raise VitlabError(f"{path}: crop_padding {config.crop_padding} is larger than the image side {side}")

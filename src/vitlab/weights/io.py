@@ -31,8 +31,8 @@ from vitlab.models.registry import (apply_overrides, build_model, config_from_di
                                     get_family, model_config)
 from vitlab.models.resnet import ResNetConfig
 from vitlab.models.vit import ViTConfig
-from vitlab.train.checkpoint import verified_tensor_file
 from vitlab.weights import hf, mixer, npz, resnet, timm
+from vitlab.weights.checksums import verified_tensor_file
 from vitlab.weights.files import describe_keys, load_torch_tensors, read_safetensors, write_safetensors
 
 FORMATS = ("vitlab", "npz", "timm", "hf")
