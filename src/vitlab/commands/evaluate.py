@@ -17,6 +17,7 @@ from vitlab.errors import VitlabError, printable
 from vitlab.eval.metrics import confusion_matrix, evaluate
 from vitlab.eval.predictor import card_of, image_batch, load_for_use, normalize_with
 from vitlab.precision import autocast, describe_precision, resolve_amp
+from vitlab.train.run_dir import checked_dataset
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -58,7 +59,8 @@ def _dataset_for(args: argparse.Namespace, model: nn.Module) -> str:
     config = checkpoint_train_config(Path(args.checkpoint))
     if config is None:
         raise VitlabError(f"{args.checkpoint} does not record its data set: pass --dataset")
-    return config.dataset
+    source = Path(args.checkpoint)
+    return checked_dataset(config.dataset, source / "last.json" if source.is_dir() else source.with_suffix(".json"))
 
 
 def run_eval(args: argparse.Namespace) -> int:

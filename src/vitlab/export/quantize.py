@@ -104,9 +104,9 @@ def torch_int8_model(model: nn.Module) -> nn.Module:
 
 def bf16_against_int8(model: nn.Module, int8: nn.Module, batch: int = 8, calls: int = 3
                       ) -> tuple[float, float] | None:
-    """Images per second of `model` under bf16 autocast and of its int8 stand-in, each timed `calls` times in turn on `batch`
-    random images at the model's size after a warm-up call (best of the calls), on the CPU; None where the CPU has no
-    bf16 units, as bf16 would be emulated there and slower than fp32."""
+    """Images per second of `model` under bf16 autocast and of its int8 stand-in, each timed `calls` times in turn
+    on `batch` random images at the model's size after a warm-up call (best of the calls), on the CPU; None where
+    the CPU has no bf16 units, as bf16 would be emulated there and slower than fp32."""
     if cpu_bf16_units() is None:
         return None
     config = model.config

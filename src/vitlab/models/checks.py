@@ -75,3 +75,45 @@ def require_grid(img_size: tuple[int, int], stride: int, by: str = "patch_size")
     """Both sides of the image are a whole number of patches (`stride` pixels each)."""
     if any(side % stride for side in img_size):
         raise VitlabError(f"img_size {img_size} is not divisible by {by} {stride}")
+
+
+# The largest value each size field may take in a config read from a file or a record (a weight file's metadata, a
+# run's last.json): far beyond any real model, far below what would exhaust memory before a later check fails.
+# Fields not named here take `_DEFAULT_BOUND`; tuples (image size, stage depths) are bounded item by item.
+SIZE_BOUNDS: dict[str, int] = {
+    "img_size": 16384, "max_resolution": 16384, "num_classes": 1 << 20, "depth": 1024, "layers": 1024,
+    "hybrid_layers": 1024, "latent_blocks": 1024, "num_cross_attends": 1024, "num_bands": 1024, "mlp_ratio": 64,
+}
+_DEFAULT_BOUND = 1 << 20
+MAX_TOKENS = 1 << 16  # patches per image of a patch-based model (a 4096-px image in 16-px patches)
+MAX_PIXELS = 1 << 22  # pixels per image of a model that attends to every pixel (the Perceiver)
+MAX_PARAMETERS = 10 ** 11  # several times the largest ViT trained (22 billion)
+
+
+def check_sane_sizes(config: Any, source: str = "config") -> None:
+    """Refuse a model config whose sizes no real model has, before anything is built from it: every numeric field
+    within its bound (`SIZE_BOUNDS`), and the tokens (or pixels) per image within `MAX_TOKENS` (`MAX_PIXELS`).
+    `source` (a file or record) is named in the error."""
+    for name, value in vars(config).items():
+        values = value if isinstance(value, tuple) else (value,)
+        bound = SIZE_BOUNDS.get(name, _DEFAULT_BOUND)
+        for item in values:
+            if isinstance(item, numbers.Real) and not isinstance(item, bool) and not -bound <= item <= bound:
+                raise VitlabError(f"{source}: the model it describes cannot be built: {name} {value!r} is beyond "
+                                  f"any real model (at most {bound})")
+    height, width = getattr(config, "img_size", (1, 1))
+    patch = getattr(config, "stride", getattr(config, "patch_size", None))  # a hybrid's tokens are stem-strided
+    if patch is not None and (height // patch) * (width // patch) > MAX_TOKENS:
+        raise VitlabError(f"{source}: img_size {config.img_size} in {patch}-pixel patches makes "
+                          f"{(height // patch) * (width // patch)} tokens per image (at most {MAX_TOKENS})")
+    if patch is None and height * width > MAX_PIXELS:
+        raise VitlabError(f"{source}: img_size {config.img_size} has {height * width} pixels (at most {MAX_PIXELS})")
+
+
+def check_parameter_count(model: Any, source: str = "config") -> None:
+    """Refuse a model (built without storage, on the meta device) with more than `MAX_PARAMETERS` parameters: for a
+    config that is built without weights to check it against."""
+    parameters = sum(parameter.numel() for parameter in model.parameters())
+    if parameters > MAX_PARAMETERS:
+        raise VitlabError(f"{source}: the model it describes has {parameters:.3g} parameters (at most "
+                          f"{MAX_PARAMETERS:.0e})")

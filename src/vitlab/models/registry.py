@@ -12,6 +12,7 @@ from torch import nn
 
 from vitlab.errors import VitlabError
 from vitlab.models import mixer, perceiver, resnet, vit
+from vitlab.models.checks import check_sane_sizes
 from vitlab.models.family import Family
 from vitlab.models.mixer import MixerConfig
 from vitlab.models.perceiver import PerceiverConfig
@@ -121,9 +122,11 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> Any:
     if unknown:
         raise VitlabError(f"{source}: unknown model config field(s) {', '.join(unknown)}")
     try:
-        return config_type(**data)
+        config = config_type(**data)
     except (TypeError, ValueError) as error:
         raise VitlabError(f"{source}: invalid model config: {error}") from None
+    check_sane_sizes(config, source)
+    return config
 
 
 # The paper's sizes (Table 1) and the Ti/S sizes of the AugReg release: (width, depth, heads, MLP width).

@@ -7,6 +7,7 @@ study trains nothing and reports the runs that have finished, the others as pend
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,6 +135,12 @@ def _record(run_dir: RunDir, config: TrainConfig) -> dict[str, Any] | None:
     saved = record.get("train_config")
     if not isinstance(saved, dict):
         raise VitlabError(f"{run_dir.record_path('last')}: not a vitlab training record")
+    steps = {key: record.get(key) for key in ("step", "total_steps")}
+    wrong = [f"{key} {value!r}" for key, value in steps.items()
+             if not isinstance(value, int) or isinstance(value, bool) or value < 0]
+    if wrong or steps["step"] > steps["total_steps"]:
+        raise VitlabError(f"{run_dir.record_path('last')}: {', '.join(wrong) or 'step beyond total_steps'}: not the "
+                          "steps of a run (the record is damaged or was edited)")
     planned = config_to_json(config)
     differ = sorted(key for key in planned if key not in _RUNNING_FIELDS and saved.get(key) != planned[key])
     if differ:
@@ -150,10 +157,19 @@ def _pending(run_dir: RunDir, record: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def _results(run_dir: RunDir, record: dict[str, Any]) -> dict[str, Any]:
-    """Final and best test top-1 (%), time and parameter count of a finished run."""
+    """Final and best test top-1 (%), time and parameter count of a finished run; a record or metrics line whose
+    values are missing, of the wrong type or not finite is refused by name."""
     final = run_dir.metrics_at(record["step"])
+    source = run_dir.record_path("last")
+    for path, key, value in ((source, "best_top1", record.get("best_top1")),
+                             (run_dir.metrics_path, "test_top1", final.get("test_top1")),
+                             (run_dir.metrics_path, "elapsed_s", final.get("elapsed_s"))):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise VitlabError(f"{path}: {key} {value!r} is not a finite number (the record is damaged or was edited)")
+    if not isinstance(record.get("model_config"), dict):
+        raise VitlabError(f"{source}: model_config {record.get('model_config')!r:.80} is not a model config")
     with torch.device("meta"):  # count parameters without allocating them
-        model = build_model(config_from_dict(record["model_config"], str(run_dir.record_path("last"))))
+        model = build_model(config_from_dict(record["model_config"], str(source)))
     return {"test_top1": round(100 * final["test_top1"], 2), "best_top1": round(100 * record["best_top1"], 2),
             "time_s": round(final["elapsed_s"], 1), "parameters": sum(p.numel() for p in model.parameters()),
             "out": str(run_dir.path)}

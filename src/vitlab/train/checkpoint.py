@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save
 
 from vitlab.atomic import atomic_write, fsync_directory
 from vitlab.errors import VitlabError
+from vitlab.weights import checksums
 
 
 def check_writable(directory: Path) -> None:
@@ -58,13 +59,13 @@ def save_checkpoint(directory: Path, name: str, tensors: dict[str, torch.Tensor]
     # save that was interrupted it can be NAME.json with NAME.prev.safetensors (or NAME.prev.*), and rotating
     # blindly would then pair a record with tensors it does not describe and drop the last good checkpoint.
     # Each rename below leaves that pair (or the new one) loadable, so a kill at any moment loses nothing.
-    keep = _consistent(directory, name, cached=True)
+    keep = checksums.consistent(directory, name, cached=True)
     kept_record, kept_tensors = (keep[0][1], keep[0][2]) if keep else (None, None)
     (weights_temp, _), (record_temp, _) = staged
     if kept_tensors == weights:
         os.replace(weights, directory / f"{name}.prev.safetensors")
     os.replace(weights_temp, weights)
-    _remember(weights, digest)
+    checksums.remember(weights, digest)
     if kept_record == record:
         os.replace(record, directory / f"{name}.prev.json")
     os.replace(record_temp, record)
@@ -79,82 +80,9 @@ def _remove_stale_temporaries(directory: Path, name: str) -> None:
             stale.unlink(missing_ok=True)
 
 
-# sha256 of tensor files this process wrote or hashed, by (device, inode, size, mtime): a rename keeps all four,
-# so the save that rotates a checkpoint need not read it back. Loading always hashes the files afresh.
-_DIGESTS: dict[tuple[int, int, int, int], str] = {}
-
-
-def _stat_key(path: Path) -> tuple[int, int, int, int] | None:
-    try:
-        info = path.stat()
-    except OSError:
-        return None
-    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
-
-
-def _remember(path: Path, digest: str) -> None:
-    key = _stat_key(path)
-    if key is not None:
-        _DIGESTS[key] = digest
-
-
-def _digest(path: Path, cached: bool) -> str | None:
-    key = _stat_key(path)
-    if key is None:
-        return None
-    if cached and key in _DIGESTS:
-        return _DIGESTS[key]
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as handle:
-            while chunk := handle.read(1 << 24):
-                digest.update(chunk)
-    except OSError:
-        return None
-    _DIGESTS[key] = digest.hexdigest()
-    return _DIGESTS[key]
-
-
-def _tensor_files(directory: Path, name: str) -> list[Path]:
-    return [directory / f"{name}.safetensors", directory / f"{name}.prev.safetensors"]
-
-
-def _candidates(directory: Path, name: str) -> list[tuple[Path, Path]]:
-    records = [directory / f"{name}.json", directory / f"{name}.prev.json"]
-    return [(record, tensors) for record in records for tensors in _tensor_files(directory, name)]
-
-
 def has_tensors(directory: Path, name: str = "last") -> bool:
     """Whether a tensor file of checkpoint NAME is on disk (a run's record can be kept without its weights)."""
-    return any(path.exists() for path in _tensor_files(directory, name))
-
-
-def _read_record(record: Path) -> dict[str, Any] | None:
-    """A checkpoint record as saved, or None when it is unreadable or not one (its step must be an integer)."""
-    try:
-        state = json.loads(record.read_text())
-    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
-        return None
-    if not isinstance(state, dict) or not isinstance(state.get("sha256"), str):
-        return None
-    step = state.get("step", -1)
-    if not isinstance(step, int) or isinstance(step, bool):
-        return None
-    return state
-
-
-def _consistent(directory: Path, name: str, cached: bool) -> list[tuple[int, Path, Path, dict[str, Any]]]:
-    """Every (step, record, tensors, state) whose record's checksum matches its tensor file, newest first;
-    NAME.json with NAME.safetensors first among equal steps."""
-    found = []
-    for order, (record, tensors) in enumerate(_candidates(directory, name)):
-        if not record.is_file() or not tensors.is_file():
-            continue
-        state = _read_record(record)
-        if state is not None and state["sha256"] == _digest(tensors, cached):
-            found.append((state.get("step", -1), order, record, tensors, state))
-    found.sort(key=lambda item: (-item[0], item[1]))
-    return [(step, record, tensors, state) for step, _, record, tensors, state in found]
+    return any(path.exists() for path in checksums.tensor_files(directory, name))
 
 
 def load_checkpoint(directory: Path, name: str = "last") -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
@@ -163,12 +91,13 @@ def load_checkpoint(directory: Path, name: str = "last") -> tuple[dict[str, torc
     Any JSON is matched with any tensor file by checksum, so every moment of an interrupted save leaves one
     loadable pair: the new one or the previous one.
     """
-    seen_any = any(record.exists() and tensors.exists() for record, tensors in _candidates(directory, name))
-    pairs = _consistent(directory, name, cached=False)
+    seen_any = any(record.exists() and tensors.exists() for record, tensors in checksums.candidates(directory, name))
+    pairs = checksums.consistent(directory, name, cached=False)
     if not pairs:
         if seen_any:
             raise VitlabError(f"{directory}: no intact '{name}' checkpoint (checksums do not match); "
                               "remove the files to start over")
+        _refuse_orphan_tensors(directory, name)
         return None
     _, record, tensors, state = pairs[0]
     if record.name != f"{name}.json" or tensors.name != f"{name}.safetensors":
@@ -178,6 +107,18 @@ def load_checkpoint(directory: Path, name: str = "last") -> tuple[dict[str, torc
         return load_file(tensors), state
     except (SafetensorError, OSError) as error:
         raise VitlabError(f"{tensors}: unreadable checkpoint: {error}") from None
+
+
+def _refuse_orphan_tensors(directory: Path, name: str) -> None:
+    """Tensors of checkpoint NAME without any record cannot be verified nor resumed, and starting over would
+    overwrite them: refused by name. A first save killed between its two renames leaves its record staged
+    (`.NAME.json.staging`); starting over then loses only the steps since the start, as the kill did."""
+    orphan = next((path for path in checksums.tensor_files(directory, name) if path.exists()), None)
+    if orphan is None or (directory / f".{name}.json.staging").exists():
+        return
+    if not any(record.exists() for record, _ in checksums.candidates(directory, name)):
+        raise VitlabError(f"{orphan} has no record ({name}.json): it cannot be resumed, and starting over would "
+                          "overwrite it; move it away to start over")
 
 
 def optimizer_to_tensors(optimizer: torch.optim.Optimizer, prefix: str = "optim/"

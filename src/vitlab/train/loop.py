@@ -7,9 +7,11 @@ go through `train.run_dir`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -34,7 +36,7 @@ from vitlab.train import distributed
 from vitlab.train.batches import Batch, BatchSource, batch_source
 from vitlab.train.config import TrainConfig, config_from_json, config_to_json
 from vitlab.train.optim import build_optimizer, build_scheduler
-from vitlab.train.run_dir import RunDir
+from vitlab.train.run_dir import RunDir, check_buildable
 
 # Settings a resumed run must share with its checkpoint: the step → sample mapping depends on the data, subset,
 # seed and batch, the restored scheduler on the epochs and learning-rate schedule, and the restored optimizer keeps
@@ -107,6 +109,13 @@ class _Run:
     lr: float = 0.0  # the learning rate of the last step
     window: _Window = field(default_factory=_Window)
     last_record: dict[str, Any] = field(default_factory=dict)
+    # For an interrupt: the last step whose update, evaluation and checkpoint all finished, the random state right
+    # after it, the step the 'last' checkpoint holds, and whether an update is under way (the state then matches
+    # no step).
+    completed: int = 0
+    rng: list[torch.Tensor] = field(default_factory=list)
+    saved: int = 0
+    updating: bool = False
     bar: tqdm = field(default_factory=lambda: tqdm(disable=True))
 
     def show_step(self, loss: float) -> None:
@@ -140,8 +149,9 @@ class Trainer:
         if config.init_from is None:
             overrides = dict(config.model_overrides)
             overrides.setdefault("in_chans", in_chans)
-            return build_model(model_config(config.model, num_classes=num_classes, img_size=config.img_size,
-                                            **overrides))
+            built = model_config(config.model, num_classes=num_classes, img_size=config.img_size, **overrides)
+            check_buildable(built, "model_overrides")
+            return build_model(built)
         from vitlab.weights import load_model
 
         source = load_model(config.init_from)
@@ -152,7 +162,9 @@ class Trainer:
         if changes:
             from vitlab.models.registry import apply_overrides
 
-            model = build_model(apply_overrides(model_cfg, changes))
+            changed_cfg = apply_overrides(model_cfg, changes)
+            check_buildable(changed_cfg, f"{config.init_from} with model_overrides")
+            model = build_model(changed_cfg)
             state, target = _resampled_state(source, model), model.state_dict()
             differ = [key for key in state if key in target and state[key].shape != target[key].shape]
             if differ:  # e.g. an MLP-Mixer's token MLP, whose size is the patch count
@@ -169,33 +181,74 @@ class Trainer:
 
     # ---------------------------------------------------------------- the loop
     def fit(self) -> dict[str, Any]:
-        """Train to the end (from the last checkpoint when resuming); the last evaluation, best top-1 and run dir."""
-        run = self._set_up()
-        batches = run.source.batches(run.start_step)
-        with run.bar:
-            for step in range(run.start_step, run.total_steps):
-                tick = time.perf_counter()
-                inputs, targets = self._next_batch(batches, step)
-                loss = self._train_step(run, inputs, targets, step)
-                run.window.add(loss, self.config.batch_size, time.perf_counter() - tick)
-                run.show_step(loss)
-                done = step + 1
-                evaluated = done % run.eval_every == 0 or done == run.total_steps
-                if evaluated:
-                    self._evaluate_and_log(run, done)
-                if evaluated or done % self.config.checkpoint_every_steps == 0:
-                    self._checkpoint("last", run, done)
-        if run.last_record and self.dist.is_main:
-            plot_training_curves(run.run_dir.metrics(), run.run_dir.curves_path)
+        """Train to the end (from the last checkpoint when resuming); the last evaluation, best top-1 and run dir.
+
+        The run directory is held by this run alone while it trains. On an interrupt (Ctrl-C; the command line
+        turns SIGTERM and SIGHUP into one too) the last completed step is saved as the 'last' checkpoint, one line
+        says how to resume, and the interrupt goes on."""
+        with contextlib.ExitStack() as held:
+            run = self._set_up(held)
+            batches = run.source.batches(run.start_step)
+            with run.bar:
+                try:
+                    for step in range(run.start_step, run.total_steps):
+                        self._step(run, batches, step)
+                except KeyboardInterrupt:
+                    self._save_on_interrupt(run)
+                    raise
+            if run.last_record and self.dist.is_main:
+                plot_training_curves(run.run_dir.metrics(), run.run_dir.curves_path)
         return {**run.last_record, "best_top1": run.best_top1, "out": str(self.out)}
 
+    def _step(self, run: _Run, batches: Iterator[Batch], step: int) -> None:
+        """One step of the loop: batch, update, and the evaluation and checkpoint due after it."""
+        tick = time.perf_counter()
+        inputs, targets = self._next_batch(batches, step)
+        loss = self._train_step(run, inputs, targets, step)
+        run.window.add(loss, self.config.batch_size, time.perf_counter() - tick)
+        run.show_step(loss)
+        done = step + 1
+        evaluated = done % run.eval_every == 0 or done == run.total_steps
+        if evaluated:
+            self._evaluate_and_log(run, done)
+        if evaluated or done % self.config.checkpoint_every_steps == 0:
+            self._checkpoint("last", run, done)
+        rng = self._rng_state()
+        run.rng, run.completed = rng, done
+        run.updating = False  # last: until here an interrupt finds a state that matches no step
+
+    def _rng_state(self) -> list[torch.Tensor]:
+        cuda = [torch.cuda.get_rng_state(self.device)] if self.device.type == "cuda" else []
+        return [torch.get_rng_state(), *cuda]
+
+    def _save_on_interrupt(self, run: _Run) -> None:
+        """Save the last completed step as the 'last' checkpoint when newer than the one on disk and the interrupt
+        came between steps (not during an update, an evaluation or a save, whose state matches no step), with the
+        random state it had then, so the resumed run goes on as an uninterrupted one; then say how to resume. Under
+        several processes a save would need all of them, so only the checkpoints already written count."""
+        if not self.dist.is_main:
+            return
+        if self.dist.world_size == 1 and not run.updating and run.completed > run.saved:
+            torch.set_rng_state(run.rng[0])
+            if len(run.rng) > 1:
+                torch.cuda.set_rng_state(run.rng[1], self.device)
+            self._checkpoint("last", run, run.completed)
+        held = (f"{self.out}/last.* holds step {run.saved} of {run.total_steps}" if run.saved
+                else f"no checkpoint was written to {self.out} yet")
+        print(f"vitlab: interrupted; {held}; to continue, run the same command with --resume --out {self.out}",
+              file=sys.stderr, flush=True)
+
     # ---------------------------------------------------------------- set-up
-    def _set_up(self) -> _Run:
-        """Data, model, optimizer, schedule, batch source and, when resuming, the state of the last checkpoint."""
+    def _set_up(self, held: contextlib.ExitStack) -> _Run:
+        """Data, model, optimizer, schedule, batch source and, when resuming, the state of the last checkpoint;
+        the run directory's lock is entered on `held`."""
         config = self.config
         ckpt.check_writable(self.out)
         self.dist = dist = distributed.setup(self.device, config.fsdp)
         self.device = dist.device
+        if dist.is_main:
+            held.enter_context(RunDir(self.out).writer_lock())
+            RunDir(self.out).check_regular()
         self._seed()
         data = load_data(config, config.img_size or model_config(config.model).img_size[0])
         model = self._checked_model(data)
@@ -210,6 +263,8 @@ class Trainer:
         ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
                if config.ema_decay else None)
         size, in_chans = tuple(model.config.img_size), model.config.in_chans
+        if config.crop_padding > max(size):  # the padded image is built for every sample
+            raise VitlabError(f"crop_padding {config.crop_padding} is larger than the image ({size[0]}x{size[1]})")
         train_transform = TrainTransform(config.augment.to_data(), size, data.train.num_classes,
                                          data.train.flips_allowed)
         run = _Run(
@@ -227,8 +282,10 @@ class Trainer:
             restored = self._restore(run)
             if restored is not None:
                 run.start_step, run.best_top1, elapsed_before, (run.window.loss, run.window.steps) = restored
-        if dist.is_main:
+        if dist.is_main:  # only now that the restored state is known good
             run.run_dir.truncate_metrics(run.start_step)
+        run.completed = run.saved = run.start_step
+        run.rng = self._rng_state()
         run.started = time.perf_counter() - elapsed_before
         run.bar = tqdm(total=total_steps, initial=run.start_step, disable=not (config.progress and dist.is_main),
                        unit="step", dynamic_ncols=True)
@@ -282,6 +339,7 @@ class Trainer:
                                    f"checkpoint in {self.out} is kept")
         if config.grad_clip:
             nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        run.updating = True  # the model now leaves the state of the last completed step
         run.optimizer.step()
         run.lr = run.optimizer.param_groups[0]["lr"]
         run.scheduler.step()
@@ -318,6 +376,8 @@ class Trainer:
         """Write checkpoint NAME (`last` or `best`) of the run at `step`."""
         self._save(name, run.model, run.optimizer, run.scheduler, run.ema, step, run.best_top1, run.started,
                    run.state_base, (run.window.loss, run.window.steps))
+        if name == "last":
+            run.saved = step
 
     def _save(self, name: str, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
               ema: AveragedModel | None, step: int, best_top1: float, started: float,
@@ -363,6 +423,9 @@ class Trainer:
         if loaded is None:
             return None
         tensors, state = loaded
+        if not 0 <= state["step"] <= run.total_steps:  # an integer: the checkpoint's reader checks that
+            raise VitlabError(f"{run.run_dir.record_path('last')}: step {state['step']} lies outside this run's "
+                              f"0..{run.total_steps} steps; the record is damaged or was edited")
         types = {"optimizer_groups": list, "scheduler": dict, "best_top1": (int, float), "elapsed_s": (int, float),
                  "train_window": (dict, type(None))}
         wrong = [f"{key}={state[key]!r}"[:80] for key, kinds in types.items()

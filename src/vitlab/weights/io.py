@@ -25,6 +25,7 @@ from torch import nn
 
 from vitlab.atomic import atomic_writer
 from vitlab.errors import VitlabError
+from vitlab.models.checks import check_sane_sizes
 from vitlab.models.layers import resample_position_embedding
 from vitlab.models.mixer import MixerConfig
 from vitlab.models.registry import (apply_overrides, build_model, config_from_dict, config_to_dict, family_of,
@@ -33,6 +34,7 @@ from vitlab.models.resnet import ResNetConfig
 from vitlab.models.vit import ViTConfig
 from vitlab.weights import hf, hub, mixer, npz, resnet, timm
 from vitlab.weights.card import ModelCard, Preprocessing, card_from_hf, hf_labels, hf_processor_config
+from vitlab.weights.checksums import verified_tensor_file
 from vitlab.weights.files import describe_keys, load_torch_tensors, read_safetensors, write_safetensors
 
 FORMATS = ("vitlab", "npz", "timm", "hf")
@@ -105,6 +107,7 @@ def read_weights(path: str | os.PathLike[str]) -> WeightFile:
         return WeightFile(path, "npz", state, fields, _complete_config(fields, source), grid, "official")
     metadata: dict[str, str] = {}
     if suffix == ".safetensors":
+        path = verified_tensor_file(path)  # a run's checkpoint: its record's checksum, with resume's fallback
         tensors, metadata = read_safetensors(path)
         if CONFIG_METADATA_KEY in metadata:
             file = _vitlab_file(path, tensors, metadata[CONFIG_METADATA_KEY])
@@ -199,8 +202,10 @@ def _mixer_file(path: Path, file_format: str, state: dict[str, torch.Tensor], co
 
 
 def _complete_config(fields: dict[str, Any], source: str) -> ViTConfig | None:
-    """A ViTConfig from fields that describe a whole model; None when the image size cannot be told."""
-    if fields.get("posemb") == "learned" and "img_size" not in fields:
+    """A ViTConfig from fields that describe a whole model; None when the image size cannot be told: a learned
+    position embedding whose grid is not square, or none at all (sin-cos or no position embedding), whose image size
+    a `.npz` has no place for, so it is not guessed."""
+    if "img_size" not in fields:
         return None
     try:
         return ViTConfig(**fields)
@@ -414,13 +419,16 @@ def load_model(path: str | os.PathLike[str], model_name: str | None = None, **ov
                                  {key: file.fields[key] for key in _FILE_FIELDS_WITH_NAME if key in file.fields})
     elif file.format in ("npz", "hf"):
         if "img_size" not in overrides:
-            raise VitlabError(f"{file.path}: the position embedding's grid is not square, so the image size "
-                              "cannot be told; pass img_size=(height, width)")
+            raise VitlabError(f"{file.path}: the file does not record the image size (its position embedding is "
+                              f"{'not a square grid' if file.fields.get('posemb') == 'learned' else 'not stored'}); "
+                              "pass img_size=(height, width), or the model's name (`--img-size N` or `--model NAME` "
+                              "on the command line)")
         config = ViTConfig(**{**file.fields, "img_size": overrides["img_size"]})
     else:
         raise VitlabError(f"{file.path}: {file.format} weights do not record the number of attention heads; "
                           "pass model_name (`--model NAME` on the command line; see `vitlab models`)")
     config = apply_overrides(config, overrides)
+    check_sane_sizes(config, str(file.path))
     reset_head = bool({"num_classes", "representation_size"} & set(overrides))
     model = _load_into(_uninitialised_model(config, file, reset_head), file, reset_head=reset_head, strict=True)
     model.card = card.for_model(model.config.num_classes)
