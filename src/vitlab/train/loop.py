@@ -314,7 +314,7 @@ class Trainer:
         size, in_chans = tuple(model.config.img_size), model.config.in_chans
         preprocessing = model_preprocessing(model, self.source_preprocessing)
         if dist.is_main:
-            print(self._summary(data, model, size, total_steps), file=sys.stderr, flush=True)
+            print(self._summary(data, model, size, total_steps), flush=True)
         ckpt.check_writable(self.out)
         wrapped = distributed.wrap_model(model, dist, config.fsdp)  # DDP / FSDP2 under torchrun; else the model
         optimizer = build_optimizer(model, config)
@@ -366,8 +366,7 @@ class Trainer:
             raise VitlabError(f"{self.config.dataset}: the training split is empty")
         reduced = 1 << (train_size.bit_length() - 1)
         if self.dist.is_main:
-            print(f"batch_size {batch} is larger than the training split ({train_size} images): using {reduced}",
-                  file=sys.stderr)
+            print(f"batch_size {batch} is larger than the training split ({train_size} images): using {reduced}")
         self.config = dataclasses.replace(self.config, batch_size=reduced)
 
     def _summary(self, data: Data, model: nn.Module, size: tuple[int, ...], total_steps: int) -> str:
