@@ -123,8 +123,8 @@ def run_eval(args: argparse.Namespace) -> int:
     source = Path(args.checkpoint)
     out = Path(args.out) if args.out else (source if source.is_dir() else source.parent)
     _plot_confusion(matrix, classes, out / "confusion.png")
-    record = {"checkpoint": str(source), "dataset": dataset, "split": split_name, "images": count,
-              "top1": result.top1, "top5": result.top5, "loss": result.loss, "confusion_png": str(out / "confusion.png")}
+    record = {"checkpoint": str(source), "dataset": dataset, "split": split_name, "images": count, "top1": result.top1,
+              "top5": result.top5, "loss": result.loss, "confusion_png": str(out / "confusion.png")}
     if args.json:
         print(json.dumps(record))
     else:

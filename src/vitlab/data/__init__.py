@@ -18,5 +18,5 @@ from vitlab.data.transforms import AugmentConfig, EvalTransform, TrainTransform,
 __all__ = ["AugmentConfig", "BUILTIN", "BatchMix", "EvalBatches", "EvalTransform", "FolderSplit", "ImageLimits",
            "ImageTensors", "Preprocessing", "SampleEvalTransform", "SampleTrainTransform", "TrainBatches",
            "TrainTransform", "balanced_subset", "check_same_classes", "default_workers", "eval_batches",
-           "fashion_mnist", "folder_batches", "folder_classes", "list_image_folder", "load_dataset", "match_channels", "normalize",
-           "normalize_batch", "read_idx", "split_name"]
+           "fashion_mnist", "folder_batches", "folder_classes", "list_image_folder", "load_dataset",
+           "match_channels", "normalize", "normalize_batch", "read_idx", "split_name"]

@@ -60,10 +60,12 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
 
 @torch.no_grad()
 def evaluate_batches(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
-                     autocast: bool = False, all_reduce_sum: Callable[[list[float]], list[float]] | None = None
-                     ) -> EvalResult:
+                     autocast: bool = False, all_reduce_sum: Callable[[list[float]], list[float]] | None = None,
+                     forwards: int = 0) -> EvalResult:
     """Loss, top-1 and top-5 of `model` over normalised (inputs, labels) batches (an image folder's evaluation
-    loader), in eval mode. Under several processes, `all_reduce_sum` adds up the processes' sums and counts."""
+    loader), in eval mode. Under several processes, `all_reduce_sum` adds up the processes' sums and counts, and a
+    process with fewer batches than `forwards` repeats its last one unscored, so that every process runs as many
+    forward passes (FSDP gathers parameters in each)."""
     was_training = model.training
     model.eval()
     sums = [0.0, 0.0, 0.0, 0.0]
@@ -79,13 +81,16 @@ def evaluate_batches(model: nn.Module, batches: Iterable[tuple[torch.Tensor, tor
         sums[3] += len(y)
         predictions.append(top[:, 0].cpu())
         seen.append(y.cpu())
+    for _ in range(len(seen), forwards if seen else 0):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            model(x)
     model.train(was_training)
     if all_reduce_sum is not None:
         sums = all_reduce_sum(sums)
     count = max(sums[3], 1)
     empty = torch.zeros(0, dtype=torch.long)
-    return EvalResult(sums[0] / count, sums[1] / count, sums[2] / count,
-                      torch.cat(predictions) if predictions else empty, torch.cat(seen) if seen else empty, int(sums[3]))
+    predicted, true = (torch.cat(predictions), torch.cat(seen)) if seen else (empty, empty)
+    return EvalResult(sums[0] / count, sums[1] / count, sums[2] / count, predicted, true, int(sums[3]))
 
 
 def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:

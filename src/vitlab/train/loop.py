@@ -174,6 +174,7 @@ class _Run:
     test_labels: torch.Tensor | None
     test_batches: EvalBatches | None  # an image folder's evaluation split, read lazily
     split: str  # the evaluation split's name, in every metrics record and printed line
+    test_forwards: int  # forward passes every rank runs over an image folder's evaluation split (0: as it has)
     run_dir: RunDir
     total_steps: int
     steps_per_epoch: int
@@ -327,18 +328,21 @@ class Trainer:
         folder = (preprocessing, config.augment.to_data(), config.workers, config.skip_bad_images)
         source = batch_source(data.train, config.batch_size, config.seed, dist, size, in_chans, train_transform,
                               folder)
-        folder_test = isinstance(data.test, FolderSplit)
+        test_batches, test_forwards = None, 0
+        if isinstance(data.test, FolderSplit):  # each rank reads its share, at most a batch per step's share
+            eval_batch = max(1, min(config.eval_batch_size, config.batch_size // dist.world_size))
+            test_batches = eval_batches(data.test, preprocessing, eval_batch, config.workers, dist.rank,
+                                        dist.world_size, config.skip_bad_images,
+                                        device=dist.device if dist.device.type == "cuda" else None,
+                                        local_world_size=dist.local_world_size)
+            if dist.group:
+                test_forwards = math.ceil(math.ceil(len(data.test) / dist.world_size) / eval_batch)
         run = _Run(
             model=model, wrapped=wrapped, runner=torch.compile(wrapped) if config.compile else wrapped,
             optimizer=optimizer, scheduler=scheduler, ema=ema, source=source, eval_transform=EvalTransform(size),
-            test_images=None if folder_test else match_channels(data.test.images, in_chans),
-            test_labels=None if folder_test else data.test.labels,
-            test_batches=eval_batches(data.test, preprocessing, max(1, min(config.eval_batch_size,
-                                                                           config.batch_size // dist.world_size)),
-                                      config.workers, dist.rank, dist.world_size, config.skip_bad_images,
-                                      device=dist.device if dist.device.type == "cuda" else None,
-                                      local_world_size=dist.local_world_size) if folder_test else None,
-            split=data.split, run_dir=RunDir(self.out), total_steps=total_steps,
+            test_images=None if test_batches is not None else match_channels(data.test.images, in_chans),
+            test_labels=None if test_batches is not None else data.test.labels, test_batches=test_batches,
+            split=data.split, test_forwards=test_forwards, run_dir=RunDir(self.out), total_steps=total_steps,
             steps_per_epoch=steps_per_epoch, eval_every=max(1, round(config.eval_every_epochs * steps_per_epoch)),
             state_base={"train_config": config_to_json(config), "model_config": config_to_dict(model.config),
                         "classes": list(data.train.classes), "preprocessing": preprocessing.to_dict(),
@@ -443,7 +447,7 @@ class Trainer:
         result: EvalResult
         if run.test_batches is not None:  # an image folder: each rank reads its share; the sums are all-reduced
             result = evaluate_batches(eval_model, run.test_batches, self.device, self.autocast,
-                                      dist.all_reduce_sum if dist.group else None)
+                                      dist.all_reduce_sum if dist.group else None, run.test_forwards)
         elif dist.group:  # each rank evaluates its share of the test set; the sums are all-reduced
             result = distributed.evaluate(eval_model, run.test_images, run.test_labels, run.eval_transform, dist,
                                           config.eval_batch_size, self.autocast)

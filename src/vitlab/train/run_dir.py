@@ -3,11 +3,13 @@
 A run directory holds, beside its checkpoints' tensors:
 
 - `last.json` / `best.json`: the record of a checkpoint (written with its tensors by `train.checkpoint`): the
-  training and model configs, class names, `step`, `total_steps`, `steps_per_epoch`, `best_top1`, `elapsed_s`, and
+  training and model configs, class names, the `preprocessing` the model's images go through, `step`,
+  `total_steps`, `steps_per_epoch`, `best_top1`, `elapsed_s`, `skipped_images` (unreadable images skipped), and
   the optimizer, scheduler and train-loss-window state a resume needs;
-- `metrics.jsonl`: one JSON object per evaluation (`step`, `epoch`, `train_loss`, `lr`, `test_loss`, `test_top1`,
-  `test_top5`, `img_per_s`, `elapsed_s`), appended and synced line by line; a resumed run drops the lines after
-  its checkpoint's step, and readers skip a line torn by a kill;
+- `metrics.jsonl`: one JSON object per evaluation (`step`, `epoch`, `train_loss`, `lr`, `split` (the split the
+  `test_*` numbers were measured on: "val", "test", "holdout", or "train" where nothing is held out),
+  `test_loss`, `test_top1`, `test_top5`, `img_per_s`, `elapsed_s`), appended and synced line by line; a resumed
+  run drops the lines after its checkpoint's step, and readers skip a line torn by a kill;
 - `curves.png`: those metrics drawn (`vitlab.analysis.plots.plot_training_curves`).
 
 The trainer, the studies, the demo, the train command and the curves all go through `RunDir`.
