@@ -203,3 +203,25 @@ def test_an_unregistered_architecture_is_recorded_by_its_config(tmp_path: Path) 
     assert trainer.config.model == "vit-custom"
     assert {"patch_size": 7, "embed_dim": 24, "depth": 1, "num_heads": 2, "mlp_dim": 48}.items() <= (
         trainer.config.model_overrides.items())
+
+
+def test_finetune_and_eval_take_the_checkpoints_normalisation(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    root = make_folder(tmp_path / "photos", "train-val")
+    source = tmp_path / "source"
+    assert main(train_args(root, source)) == 0
+    for name in ("best", "last"):  # as a checkpoint normalised with ImageNet's statistics would record it
+        path = source / f"{name}.json"
+        record = json.loads(path.read_text())
+        record["preprocessing"] = {**record["preprocessing"], "mean": [0.485, 0.456, 0.406],
+                                   "std": [0.229, 0.224, 0.225]}
+        path.write_text(json.dumps(record))
+    capsys.readouterr()
+    assert main(["eval", str(source), "--json", "--workers", "0"]) == 0
+    shifted = json.loads(capsys.readouterr().out)["loss"]
+    assert shifted != pytest.approx(metrics(source)[-1]["test_loss"])  # evaluated with the recorded statistics
+    out = tmp_path / "tuned"
+    assert main(["finetune", "--from", str(source), "--out", str(out), "--no-progress", "--workers", "0"]) == 0
+    recorded = json.loads((out / "last.json").read_text())["preprocessing"]
+    assert recorded["mean"] == [0.485, 0.456, 0.406] and recorded["std"] == [0.229, 0.224, 0.225]
+    assert json.loads((out / "last.json").read_text())["train_config"]["model"] == "vit-mini-p7-28"
