@@ -16,10 +16,10 @@ import platform
 import sys
 import time
 import warnings
-from collections.abc import Generator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -279,8 +279,9 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to the end (from the last checkpoint when resuming); the last evaluation, best top-1 and run dir."""
         run = self._set_up()
-        batches = cast(Generator[Batch, None, None], run.source.batches(run.start_step))
-        with run.bar, contextlib.closing(batches):
+        batches = run.source.batches(run.start_step)
+        with run.bar, contextlib.ExitStack() as stack:
+            stack.callback(getattr(batches, "close", lambda: None))  # a loader's worker processes end with the run
             for step in range(run.start_step, run.total_steps):
                 tick = time.perf_counter()
                 inputs, targets = self._next_batch(batches, step)
