@@ -45,7 +45,8 @@ def make_folder(root: Path, layout: str, classes: tuple[str, ...] = CLASSES) -> 
 
 def train_args(dataset: Path, out: Path, *extra: str) -> list[str]:
     return ["train", "--dataset", str(dataset), "--img-size", "16", "--epochs", "1", "--out", str(out),
-            "--no-progress", "--workers", "0", "--set", f"model_overrides={TINY}", "--set", "threads=1", *extra]
+            "--no-progress", "--workers", "0", "--set", f"model_overrides={TINY}", "--set", "threads=1",
+            "--set", "amp=none", *extra]
 
 
 def metrics(out: Path) -> list[dict]:
@@ -64,8 +65,10 @@ def test_each_layout_trains_and_names_its_split(layout: str, tmp_path: Path,
     stdout = capsys.readouterr().out
     assert f"batch_size 256 is larger than the training split ({train_images} images): using 16" in stdout
     summary = [line for line in stdout.splitlines() if line.startswith(f"{root}: ")]
+    params = sum(p.numel() for p in vitlab.create_model("vit-mini-p7-28", num_classes=3, img_size=16, in_chans=3,
+                                                        **json.loads(TINY)).parameters())
     assert summary == [f"{root}: {train_images} train / {eval_images} {split} images, 3 classes; vit-mini-p7-28 "
-                       f"({summary[0].split('(')[1].split(' ')[0]} parameters), 16x16 px, batch 16, 1 steps, fp32"]
+                       f"({params / 1e6:.2f}M parameters), 16x16 px, batch 16, 1 steps, fp32"]
     assert f"on {split}: top1" in stdout
     assert json.loads(stdout.strip().splitlines()[-1])["split"] == split
     records = metrics(out)
@@ -77,7 +80,7 @@ def test_each_layout_trains_and_names_its_split(layout: str, tmp_path: Path,
     assert main(["eval", str(out), "--json", "--workers", "0"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["split"] == split and result["images"] == eval_images
-    assert result["top1"] == pytest.approx(records[-1]["test_top1"])  # the same split, prepared the same way
+    assert result["loss"] == pytest.approx(records[-1]["test_loss"], rel=0.02)  # the same split, prepared alike
     assert main(["eval", str(out), "--workers", "0"]) == 0
     assert f"{out} on {split} of {root} ({eval_images} images)" in capsys.readouterr().out
     assert main(["fewshot", str(out), "--shots", "1", "--seeds", "1", "--workers", "0"]) == 0
@@ -210,6 +213,9 @@ def test_finetune_and_eval_take_the_checkpoints_normalisation(tmp_path: Path,
     root = make_folder(tmp_path / "photos", "train-val")
     source = tmp_path / "source"
     assert main(train_args(root, source)) == 0
+    capsys.readouterr()
+    assert main(["eval", str(source), "--json", "--workers", "0"]) == 0
+    before = json.loads(capsys.readouterr().out)["loss"]
     for name in ("best", "last"):  # as a checkpoint normalised with ImageNet's statistics would record it
         path = source / f"{name}.json"
         record = json.loads(path.read_text())
@@ -219,7 +225,7 @@ def test_finetune_and_eval_take_the_checkpoints_normalisation(tmp_path: Path,
     capsys.readouterr()
     assert main(["eval", str(source), "--json", "--workers", "0"]) == 0
     shifted = json.loads(capsys.readouterr().out)["loss"]
-    assert shifted != pytest.approx(metrics(source)[-1]["test_loss"])  # evaluated with the recorded statistics
+    assert shifted != before  # evaluated with the recorded statistics (the same ones give the same loss)
     out = tmp_path / "tuned"
     assert main(["finetune", "--from", str(source), "--out", str(out), "--no-progress", "--workers", "0"]) == 0
     recorded = json.loads((out / "last.json").read_text())["preprocessing"]
