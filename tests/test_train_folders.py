@@ -146,21 +146,43 @@ class Killed(BaseException):
     """Stands in for a kill in the middle of a run."""
 
 
+def kill_at_step(monkeypatch: pytest.MonkeyPatch, kill_step: int) -> None:
+    real_step = loop.Trainer._train_step
+
+    def killed(self, run, inputs, targets, step):
+        if step == kill_step:
+            raise Killed
+        return real_step(self, run, inputs, targets, step)
+
+    monkeypatch.setattr(loop.Trainer, "_train_step", killed)
+
+
+def test_a_skipped_image_is_counted_once_across_a_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    root = make_folder(tmp_path / "photos", "train-val")
+    (root / "val" / "dog" / "broken.png").write_bytes(b"not an image")  # met at every evaluation
+    args = train_args(root, tmp_path / "run", "--epochs", "3", "--batch-size", "8", "--set", "skip_bad_images=true",
+                      "--set", "checkpoint_every_steps=1")
+    with monkeypatch.context() as patch:
+        kill_at_step(patch, 5)
+        with pytest.raises(Killed):
+            main(args)
+    assert json.loads((tmp_path / "run" / "last.json").read_text())["skipped_images"] == 1
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 0
+    assert f"{root}: skipped 1 unreadable image(s)" in capsys.readouterr().err
+    record = json.loads((tmp_path / "run" / "last.json").read_text())
+    assert record["skipped_images"] == 1 and record["skipped_files"] == [str(root / "val" / "dog" / "broken.png")]
+
+
 def test_resume_on_a_folder_gives_the_uninterrupted_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Per-sample crops, flips, RandAugment and MixUp, read by a different number of workers after the resume."""
     root = make_folder(tmp_path / "photos", "flat")
     common = ["--epochs", "3", "--batch-size", "8", "--deterministic", "--set", "checkpoint_every_steps=2",
               "--set", "hflip=true", "--set", "randaugment_ops=2", "--set", "mixup_alpha=0.4"]
     assert main(train_args(root, tmp_path / "a", *common)) == 0
-    real_step = loop.Trainer._train_step
-
-    def killed_at_step_5(self, run, inputs, targets, step):
-        if step == 5:
-            raise Killed
-        return real_step(self, run, inputs, targets, step)
-
     with monkeypatch.context() as patch:
-        patch.setattr(loop.Trainer, "_train_step", killed_at_step_5)
+        kill_at_step(patch, 5)
         with pytest.raises(Killed):
             main(train_args(root, tmp_path / "b", *common))
     assert json.loads((tmp_path / "b" / "last.json").read_text())["step"] == 4

@@ -185,17 +185,19 @@ class _Run:
     started: float = 0.0  # perf_counter() at the run's start, earlier by the time spent before a resume
     lr: float = 0.0  # the learning rate of the last step
     window: _Window = field(default_factory=_Window)
-    skipped_before: int = 0  # unreadable images skipped before a resume
+    skipped_before: set[str] = field(default_factory=set)  # unreadable images skipped before a resume
     last_record: dict[str, Any] = field(default_factory=dict)
     bar: tqdm = field(default_factory=lambda: tqdm(disable=True))
 
     @property
-    def skipped(self) -> int:
+    def skipped(self) -> set[str]:
         """Unreadable images skipped so far (with skip_bad_images), in training and evaluation."""
-        met = set(self.source.skipped) if isinstance(self.source, FolderBatches) else set()
+        met = set(self.skipped_before)
+        if isinstance(self.source, FolderBatches):
+            met |= self.source.skipped
         if self.test_batches is not None:
             met |= self.test_batches.skipped
-        return self.skipped_before + len(met)
+        return met
 
     def show_step(self, loss: float) -> None:
         self.bar.update(1)
@@ -296,9 +298,10 @@ class Trainer:
                     self._checkpoint("last", run, done)
         if run.last_record and self.dist.is_main:
             plot_training_curves(run.run_dir.metrics(), run.run_dir.curves_path)
-        if run.skipped and self.dist.is_main:
-            print(f"{self.config.dataset}: skipped {run.skipped} unreadable image(s)", file=sys.stderr)
-        return {**run.last_record, "best_top1": run.best_top1, "skipped_images": run.skipped, "out": str(self.out)}
+        skipped = len(run.skipped)
+        if skipped and self.dist.is_main:
+            print(f"{self.config.dataset}: skipped {skipped} unreadable image(s)", file=sys.stderr)
+        return {**run.last_record, "best_top1": run.best_top1, "skipped_images": skipped, "out": str(self.out)}
 
     # ---------------------------------------------------------------- set-up
     def _set_up(self) -> _Run:
@@ -473,7 +476,8 @@ class Trainer:
     def _checkpoint(self, name: str, run: _Run, step: int) -> None:
         """Write checkpoint NAME (`last` or `best`) of the run at `step`."""
         self._save(name, run.model, run.optimizer, run.scheduler, run.ema, step, run.best_top1, run.started,
-                   {**run.state_base, "skipped_images": run.skipped}, (run.window.loss, run.window.steps))
+                   {**run.state_base, "skipped_images": len(run.skipped), "skipped_files": sorted(run.skipped)},
+                   (run.window.loss, run.window.steps))
 
     def _save(self, name: str, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
               ema: AveragedModel | None, step: int, best_top1: float, started: float,
@@ -500,7 +504,7 @@ class Trainer:
                     "preprocessing": json.dumps(state_base["preprocessing"])}
         RunDir(self.out).save(name, tensors, state, metadata)
 
-    def _restore(self, run: _Run) -> tuple[int, float, float, tuple[float, int], int] | None:
+    def _restore(self, run: _Run) -> tuple[int, float, float, tuple[float, int], set[str]] | None:
         """Step, best top-1, elapsed seconds, train-loss window and unreadable images skipped of OUT/last.*, loaded
         into the run's objects.
 
@@ -515,14 +519,14 @@ class Trainer:
             raise VitlabError(f"{self.out}: cannot resume from its 'last' checkpoint, which does not fit this run "
                               f"({detail[:300]})") from None
 
-    def _restore_unchecked(self, run: _Run) -> tuple[int, float, float, tuple[float, int], int] | None:
+    def _restore_unchecked(self, run: _Run) -> tuple[int, float, float, tuple[float, int], set[str]] | None:
         model, optimizer, scheduler, ema = run.model, run.optimizer, run.scheduler, run.ema
         loaded = run.run_dir.load("last")
         if loaded is None:
             return None
         tensors, state = loaded
         types = {"optimizer_groups": list, "scheduler": dict, "best_top1": (int, float), "elapsed_s": (int, float),
-                 "train_window": (dict, type(None)), "skipped_images": int}
+                 "train_window": (dict, type(None)), "skipped_files": list}
         wrong = [f"{key}={state[key]!r}"[:80] for key, kinds in types.items()
                  if key in state and not isinstance(state[key], kinds)]
         if wrong:
@@ -551,8 +555,9 @@ class Trainer:
         if "rng/cuda" in tensors and self.device.type == "cuda":
             torch.cuda.set_rng_state(tensors["rng/cuda"], self.device)
         window = state.get("train_window") or {}  # absent from checkpoints of earlier versions
+        skipped = {str(path) for path in state.get("skipped_files", [])}
         return (int(state["step"]), float(state.get("best_top1", -1.0)), float(state.get("elapsed_s", 0.0)),
-                (float(window.get("loss_sum", 0.0)), int(window.get("steps", 0))), int(state.get("skipped_images", 0)))
+                (float(window.get("loss_sum", 0.0)), int(window.get("steps", 0))), skipped)
 
 
 def _strip(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -4,8 +4,8 @@ A run directory holds, beside its checkpoints' tensors:
 
 - `last.json` / `best.json`: the record of a checkpoint (written with its tensors by `train.checkpoint`): the
   training and model configs, class names, the `preprocessing` the model's images go through, `step`,
-  `total_steps`, `steps_per_epoch`, `best_top1`, `elapsed_s`, `skipped_images` (unreadable images skipped), and
-  the optimizer, scheduler and train-loss-window state a resume needs;
+  `total_steps`, `steps_per_epoch`, `best_top1`, `elapsed_s`, `skipped_images` and `skipped_files` (the unreadable
+  images skipped), and the optimizer, scheduler and train-loss-window state a resume needs;
 - `metrics.jsonl`: one JSON object per evaluation (`step`, `epoch`, `train_loss`, `lr`, `split` (the split the
   `test_*` numbers were measured on: "val", "test", "holdout", or "train" where nothing is held out),
   `test_loss`, `test_top1`, `test_top5`, `img_per_s`, `elapsed_s`), appended and synced line by line; a resumed
