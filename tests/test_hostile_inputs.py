@@ -410,7 +410,8 @@ def test_postscript_named_png_never_reaches_ghostscript(trained: Path, tmp_path:
     one_error_line(capsys, "cat.png", "cannot read image")
     assert main(["analyze", str(trained), "--images", str(picture), "--out", str(tmp_path / "an")]) == 2
     one_error_line(capsys, "cat.png")
-    assert main(train_args(tmp_path / "run", "--dataset", str(folder))) == 2
+    # One image per class: nothing can be held out, so train and evaluate on the training images.
+    assert main(train_args(tmp_path / "run", "--dataset", str(folder), "--val-fraction", "0")) == 2
     one_error_line(capsys, "cat.png")
     assert not marker.exists()
     with pytest.raises(OSError), Image.open(picture) as unrestricted:  # what the restriction prevents
@@ -434,14 +435,17 @@ def test_image_folder_with_corrupt_files_stops_naming_the_first_or_skips_them(
     folder = image_folder(tmp_path / "pets", {"dog/b-truncated.png": b"\x89PNG\r\n\x1a\n\x00\x00",
                                               "cat/zero.jpg": b"", "dog/a-text.png": b"not an image"})
     capsys.readouterr()
-    args = ["train", "--dataset", str(folder), "--img-size", "8", "--epochs", "1", "--batch-size", "4",
+    # Three epochs of the training split and the hold-out evaluated after each: every file is met.
+    args = ["train", "--dataset", str(folder), "--img-size", "8", "--epochs", "3", "--batch-size", "4",
             "--out", str(tmp_path / "run"), "--no-progress", "--set", f"model_overrides={TINY}"]
     assert main(args) == 2
-    one_error_line(capsys, "zero.jpg", "cannot read image")  # cat/ comes first
+    err = one_error_line(capsys, "cannot read image", "skip_bad_images=true")  # the first one met, in a worker
+    assert sum(name in err for name in ("zero.jpg", "b-truncated.png", "a-text.png")) == 1
     assert main([*args, "--set", "skip_bad_images=true"]) == 0
     err = capsys.readouterr().err
     assert f"{folder}: skipped 3 unreadable image(s)" in err and "Traceback" not in err
-    assert json.loads((tmp_path / "run" / "last.json").read_text())["classes"] == ["cat", "dog"]
+    record = json.loads((tmp_path / "run" / "last.json").read_text())
+    assert record["classes"] == ["cat", "dog"] and record["skipped_images"] == 3
 
 
 # ------------------------------------------------------------------------------------------- download cache
@@ -538,7 +542,8 @@ def test_names_from_a_checkpoint_or_archive_write_nothing_outside(trained: Path,
     capsys.readouterr()
     assert main(["predict", str(checkpoint), str(image), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["top"][0]["class"] in evil_names
-    assert main(["eval", str(checkpoint), "--dataset", "digits", "--out", str(work / "eval")]) == 0
+    assert main(["eval", str(checkpoint), "--dataset", "digits", "--out", str(work / "eval")]) == 2
+    one_error_line(capsys, "classes differ")  # digits' class names are not the checkpoint's: nothing is scored
     assert main(["analyze", str(checkpoint), "--images", str(image), "--out", str(work / "analysis")]) == 0
     assert main(["convert", str(archive), str(work / "converted.safetensors")]) == 2
     capsys.readouterr()

@@ -62,7 +62,19 @@ def load_images(paths: Sequence[str | Path], in_chans: int, img_size: tuple[int,
 
 
 def load_dataset_images(name: str, count: int, in_chans: int, img_size: tuple[int, int]) -> torch.Tensor:
-    """The first `count` test images of a data set, prepared like `load_images`."""
+    """The first `count` evaluation images of a data set, prepared like `load_images` (an image folder's are
+    read lazily: only those are decoded, in the folder's evaluation transform)."""
+    from vitlab.data import FolderSplit, Preprocessing, eval_batches, list_image_folder
+    from vitlab.data.folder import PathTable
+    from vitlab.train.loop import is_image_folder
+
+    if is_image_folder(name):
+        split = list_image_folder(name, "eval")
+        chosen = range(min(count, len(split)))
+        first = FolderSplit(split.root, split.split, PathTable(split.paths[i] for i in chosen),
+                            split.labels[:len(chosen)], split.classes, split.name)
+        preprocessing = Preprocessing(tuple(img_size), mean=(MEAN,) * in_chans, std=(STD,) * in_chans)
+        return torch.cat([inputs for inputs, _ in eval_batches(first, preprocessing, 64, workers=0)])
     test = load_dataset(name, "test", img_size=img_size[0])
     return EvalTransform(img_size)(match_channels(test.images[:count], in_chans))
 

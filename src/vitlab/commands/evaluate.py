@@ -11,13 +11,18 @@ from torch import nn
 
 from vitlab.atomic import atomic_path
 from vitlab.commands import add_amp_option, positive_int
-from vitlab.train.run_dir import checkpoint_train_config
-from vitlab.data import EvalTransform, load_dataset, match_channels
+from vitlab.commands.train import add_folder_options
+from vitlab.data import (EvalBatches, EvalTransform, FolderSplit, check_same_classes, eval_batches, folder_classes,
+                         list_image_folder, load_dataset, match_channels)
+from vitlab.data.folder import DEFAULT_VAL_FRACTION, PathTable
 from vitlab.errors import VitlabError, printable
-from vitlab.eval.metrics import confusion_matrix, evaluate
+from vitlab.eval.metrics import EvalResult, confusion_matrix, evaluate, evaluate_batches
 from vitlab.eval.predictor import card_of, image_batch, load_for_use, normalize_with
 from vitlab.precision import autocast, describe_precision, resolve_amp
-from vitlab.train.run_dir import checked_dataset
+from vitlab.train.loop import card_preprocessing, is_image_folder, model_preprocessing
+from vitlab.train.run_dir import checked_dataset, checkpoint_train_config
+
+FOLDER_EVAL_BATCH = 64  # images per evaluation batch read from a folder
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -50,6 +55,7 @@ def _add_source(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="registry name, for weight files that do not name their model")
     parser.add_argument("--dataset", help="default: the data set the checkpoint was trained on")
     parser.add_argument("--device", default="auto")
+    add_folder_options(parser)
     add_amp_option(parser)
 
 
@@ -63,32 +69,68 @@ def _dataset_for(args: argparse.Namespace, model: nn.Module) -> str:
     return checked_dataset(config.dataset, source / "last.json" if source.is_dir() else source.with_suffix(".json"))
 
 
+def folder_split(args: argparse.Namespace, dataset: str, split: str) -> FolderSplit:
+    """A split of image folder `dataset`, held out as the checkpoint's training held it out when it was trained
+    on this folder (its val_fraction and seed), unless --val-fraction says otherwise."""
+    config = checkpoint_train_config(Path(args.checkpoint))
+    same = config is not None and Path(config.dataset).resolve() == Path(dataset).resolve()
+    val_fraction = (args.val_fraction if args.val_fraction is not None
+                    else config.val_fraction if same and config is not None else DEFAULT_VAL_FRACTION)
+    return list_image_folder(dataset, split, val_fraction or None, config.seed if same and config else 0)
+
+
+def folder_batches_for(args: argparse.Namespace, model: nn.Module, split: FolderSplit,
+                       device: torch.device) -> EvalBatches:
+    """Evaluation batches of a folder split, prepared as the checkpoint's model expects."""
+    preprocessing = model_preprocessing(model, card_preprocessing(model, args.checkpoint))
+    return eval_batches(split, preprocessing, FOLDER_EVAL_BATCH, args.workers,
+                        device=device if device.type == "cuda" else None)
+
+
+def check_classes(args: argparse.Namespace, model: nn.Module, dataset: str, classes: tuple[str, ...]) -> None:
+    """Refuse a data set whose classes are not the checkpoint's: other names (when the checkpoint records them),
+    or another number of them."""
+    names = recorded_classes(args.checkpoint, model)
+    if names is not None:
+        check_same_classes(names, classes, dataset)
+    if len(classes) != model.config.num_classes:
+        raise VitlabError(f"{dataset} has {len(classes)} classes but the model's head has "
+                          f"{model.config.num_classes}")
+
+
 def run_eval(args: argparse.Namespace) -> int:
     model, device = load_for_use(args.checkpoint, args.model, args.device)
     dataset = _dataset_for(args, model)
-    test = load_dataset(dataset, "test", img_size=model.config.img_size[0])
-    if test.num_classes != model.config.num_classes:
-        raise VitlabError(f"{dataset} has {test.num_classes} classes but the model's head has "
-                          f"{model.config.num_classes}")
-    card = card_of(model)
-    images = match_channels(test.images, model.config.in_chans)
-    transform = EvalTransform(tuple(model.config.img_size))
-    if card.preprocessing is not None:
-        transform = normalize_with(transform, card.preprocessing.mean, card.preprocessing.std)
+    result: EvalResult
     bf16 = resolve_amp(args.amp, device)
-    result = evaluate(model, images, test.labels, transform, device, autocast=bf16)
-    matrix = confusion_matrix(result.predictions, test.labels, test.num_classes)
+    if is_image_folder(dataset):
+        check_classes(args, model, dataset, folder_classes(dataset))
+        split = folder_split(args, dataset, "eval")
+        result = evaluate_batches(model, folder_batches_for(args, model, split, device), device, autocast=bf16)
+        labels, classes, count, split_name = result.labels, split.classes, result.count, split.split
+    else:
+        test = load_dataset(dataset, "test", img_size=model.config.img_size[0])
+        check_classes(args, model, dataset, test.classes)
+        images = match_channels(test.images, model.config.in_chans)
+        transform = EvalTransform(tuple(model.config.img_size))
+        preprocessing = card_of(model).preprocessing
+        if preprocessing is not None:
+            transform = normalize_with(transform, preprocessing.mean, preprocessing.std)
+        result = evaluate(model, images, test.labels, transform, device, autocast=bf16)
+        labels, classes, count, split_name = test.labels, test.classes, len(test), "test"
+    assert labels is not None
+    matrix = confusion_matrix(result.predictions, labels, len(classes))
     source = Path(args.checkpoint)
     out = Path(args.out) if args.out else (source if source.is_dir() else source.parent)
-    _plot_confusion(matrix, test.classes, out / "confusion.png")
-    record = {"checkpoint": str(source), "dataset": dataset, "images": len(test), "top1": result.top1,
-              "top5": result.top5, "loss": result.loss, "confusion_png": str(out / "confusion.png"),
-              "precision": describe_precision(bf16, device)}
+    _plot_confusion(matrix, classes, out / "confusion.png")
+    record = {"checkpoint": str(source), "dataset": dataset, "split": split_name, "images": count,
+              "top1": result.top1, "top5": result.top5, "loss": result.loss,
+              "confusion_png": str(out / "confusion.png"), "precision": describe_precision(bf16, device)}
     if args.json:
         print(json.dumps(record))
     else:
-        print(f"{printable(source)} on {printable(dataset)} ({len(test)} images): top-1 {result.top1:.2%}  "
-              f"top-5 {result.top5:.2%}  loss {result.loss:.4f}  ({record['precision']})\n"
+        print(f"{printable(source)} on {split_name} of {printable(dataset)} ({count} images): top-1 "
+              f"{result.top1:.2%}  top-5 {result.top5:.2%}  loss {result.loss:.4f}  ({record['precision']})\n"
               f"confusion matrix: {printable(out / 'confusion.png')}")
     return 0
 
@@ -125,22 +167,61 @@ def _plot_confusion(matrix: torch.Tensor, classes: tuple[str, ...], path: Path) 
 
 
 def run_fewshot(args: argparse.Namespace) -> int:
-    from vitlab.eval.fewshot import few_shot_eval
+    from vitlab.eval.fewshot import extract_batch_features, few_shot_eval, few_shot_probe
 
     model, device = load_for_use(args.checkpoint, args.model, args.device)
     dataset = _dataset_for(args, model)
-    size = model.config.img_size[0]
-    train, test = load_dataset(dataset, "train", img_size=size), load_dataset(dataset, "test", img_size=size)
     bf16 = resolve_amp(args.amp, device)
-    results = few_shot_eval(model, train, test, args.shots, args.seeds, args.l2, device, autocast=bf16)
     precision = describe_precision(bf16, device)
+    if is_image_folder(dataset):
+        train, test = folder_split(args, dataset, "train"), folder_split(args, dataset, "eval")
+        split_name = test.split
+        test_features, test_labels = extract_batch_features(model, folder_batches_for(args, model, test, device),
+                                                            device, autocast=bf16)
+
+        def features_of(chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            indices = chosen.tolist()
+            subset = FolderSplit(train.root, train.split, PathTable(train.paths[i] for i in indices),
+                                 train.labels[indices], train.classes, train.name)
+            return extract_batch_features(model, folder_batches_for(args, model, subset, device), device,
+                                          autocast=bf16)
+
+        results = few_shot_probe(torch.from_numpy(train.labels), train.num_classes, features_of, test_features,
+                                 test_labels, args.shots, args.seeds, args.l2)
+    else:
+        size = model.config.img_size[0]
+        train_set, test_set = load_dataset(dataset, "train", img_size=size), load_dataset(dataset, "test",
+                                                                                          img_size=size)
+        split_name = "test"
+        results = few_shot_eval(model, train_set, test_set, args.shots, args.seeds, args.l2, device, autocast=bf16)
     for result in results:
         if args.json:
-            print(json.dumps({"shots": result.shots, "mean": result.mean, "std": result.std,
+            print(json.dumps({"shots": result.shots, "split": split_name, "mean": result.mean, "std": result.std,
                               "accuracies": result.accuracies, "precision": precision}))
         else:
-            print(f"{result.shots:>3}-shot: {result.mean:.2%} ± {result.std:.2%}  ({args.seeds} seeds, {precision})")
+            print(f"{result.shots:>3}-shot on {split_name}: {result.mean:.2%} ± {result.std:.2%}  "
+                  f"({args.seeds} seeds, {precision})")
     return 0
+
+
+def recorded_classes(checkpoint: str, model: nn.Module | None = None) -> list[str] | None:
+    """The class names a checkpoint records (its model card's, else training's safetensors metadata), or None."""
+    from safetensors import SafetensorError, safe_open
+
+    card_names = card_of(model).classes if model is not None else None
+    if card_names:
+        return [str(name) for name in card_names]
+    path = Path(checkpoint)
+    if path.is_dir():
+        path = next((path / name for name in ("best.safetensors", "last.safetensors") if (path / name).exists()), path)
+    names = None
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), "pt") as handle:
+                names = json.loads((handle.metadata() or {}).get("classes", "null"))
+        except (SafetensorError, OSError, json.JSONDecodeError):
+            names = None
+    return [str(name) for name in names] if isinstance(names, list) and names else None
 
 
 @torch.no_grad()

@@ -29,6 +29,7 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float)
     parser.add_argument("--img-size", type=int)
     parser.add_argument("--seed", type=int)
+    add_folder_options(parser)
     parser.add_argument("--deterministic", action="store_true", default=None,
                         help="deterministic algorithms (bit-identical resume on CPU)")
     parser.add_argument("--out", help="run directory (checkpoints, metrics.jsonl, curves.png)")
@@ -41,6 +42,16 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
                         help="shard the model, gradients and optimizer state across processes (FSDP2)")
     parser.add_argument("--set", dest="settings", action="append", default=[], metavar="FIELD=VALUE",
                         help="override any TrainConfig field, e.g. --set ema_decay=0.999 (repeatable)")
+
+
+def add_folder_options(parser: argparse.ArgumentParser) -> None:
+    """--workers and --val-fraction: how an image folder is read and split."""
+    parser.add_argument("--workers", type=int, metavar="N",
+                        help="image-folder decoding processes (default: from the cores; 0: in this process)")
+    parser.add_argument("--val-fraction", type=float, metavar="F",
+                        help="an image folder without val/ or test/: the seeded share of each class held out for "
+                             "evaluation, which training never sees (default 0.1; 0: evaluate on the training "
+                             "images)")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -68,7 +79,8 @@ def parse_settings(settings: list[str]) -> dict[str, Any]:
 def config_from_args(args: argparse.Namespace, base: TrainConfig) -> TrainConfig:
     flags = {"model": args.model, "dataset": args.dataset, "subset": args.subset, "epochs": args.epochs,
              "batch_size": args.batch_size, "lr": args.lr, "img_size": args.img_size, "seed": args.seed,
-             "deterministic": args.deterministic, "out": args.out, "progress": args.progress, "fsdp": args.fsdp}
+             "deterministic": args.deterministic, "out": args.out, "progress": args.progress, "fsdp": args.fsdp,
+             "workers": args.workers, "val_fraction": args.val_fraction}
     values = {key: value for key, value in flags.items() if value is not None}
     if args.model is not None and args.model != base.model:
         values["model_overrides"] = {}  # a recipe's overrides belong to the recipe's model
@@ -151,6 +163,7 @@ def _fit(config: TrainConfig, resume: bool) -> int:
     finally:
         distributed.cleanup()
     if trainer.dist.is_main:
-        summary = {key: result[key] for key in ("step", "test_top1", "test_top5", "best_top1", "out") if key in result}
+        summary = {key: result[key] for key in ("step", "split", "test_top1", "test_top5", "best_top1",
+                                                "skipped_images", "out") if key in result}
         print(json.dumps({**summary, "precision": precision}))
     return 0

@@ -28,8 +28,8 @@ from vitlab.data.images import FORMATS, READ_ERRORS, ImageLimits, read_image
 from vitlab.data.tensors import ImageTensors
 from vitlab.errors import VitlabError
 
-__all__ = ["FORMATS", "READ_ERRORS", "FolderSplit", "PathTable", "check_same_classes", "list_image_folder",
-           "load_folder_split", "read_image", "split_name"]
+__all__ = ["FORMATS", "READ_ERRORS", "FolderSplit", "PathTable", "check_same_classes", "folder_classes",
+           "list_image_folder", "load_folder_split", "read_image", "split_name"]
 
 SPLITS = ("train", "eval", "val", "test", "holdout", "all")
 EVAL_DIRS = ("val", "test")
@@ -127,6 +127,12 @@ def _list_classes(folder: Path, progress: bool) -> tuple[list[str], list[list[st
             files.append(sorted(found))
             bar.update(len(found))
     return classes, files
+
+
+def folder_classes(root: str | Path) -> tuple[str, ...]:
+    """The class names of an image folder (its training split's), from the folder names alone: nothing listed."""
+    train_dir, _ = _layout(Path(root))
+    return tuple(_subdirs(train_dir))
 
 
 def split_name(root: str | Path, split: str = "eval", val_fraction: float | None = DEFAULT_VAL_FRACTION) -> str:

@@ -7,6 +7,7 @@ seeds.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,22 @@ def extract_features(model: nn.Module, images: torch.Tensor, transform: EvalTran
     return torch.cat(chunks)
 
 
+@torch.no_grad()
+def extract_batch_features(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                           device: torch.device, autocast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pre-logits features (float64, CPU) and labels of normalised batches (an image folder's loader)."""
+    model.eval()
+    features, labels = [], []
+    for inputs, targets in batches:
+        with bf16_autocast(autocast, device):
+            batch = model.forward_head(model.forward_features(inputs.to(device)), pre_logits=True)
+        features.append(batch.double().cpu())
+        labels.append(targets.cpu())
+    if not features:
+        raise ValueError("no images to extract features from")
+    return torch.cat(features), torch.cat(labels)
+
+
 def ridge_classifier(features: torch.Tensor, labels: torch.Tensor, num_classes: int, l2: float
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Closed-form ridge regression to ±1 targets with an unregularised bias (features are centred first)."""
@@ -61,13 +78,26 @@ def ridge_classifier(features: torch.Tensor, labels: torch.Tensor, num_classes: 
 def few_shot_eval(model: nn.Module, train: ImageTensors, test: ImageTensors, shots: list[int], seeds: int = 3,
                   l2: float = 2.0 ** 10, device: torch.device | None = None, autocast: bool = False
                   ) -> list[FewShotResult]:
-    """Mean and spread of the few-shot top-1 per shot count; features under bf16 autocast when `autocast`."""
     device = device or next(model.parameters()).device
     transform = EvalTransform(tuple(model.config.img_size))
     channels = model.config.in_chans
     test_features = extract_features(model, match_channels(test.images, channels), transform, device,
                                      autocast=autocast)
-    per_class = [torch.nonzero(train.labels == c).flatten() for c in range(train.num_classes)]
+
+    def features_of(chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (extract_features(model, match_channels(train.images[chosen], channels), transform, device,
+                                 autocast=autocast), train.labels[chosen])
+
+    return few_shot_probe(train.labels, train.num_classes, features_of, test_features, test.labels, shots, seeds, l2)
+
+
+def few_shot_probe(train_labels: torch.Tensor, num_classes: int,
+                   features_of: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+                   test_features: torch.Tensor, test_labels: torch.Tensor, shots: list[int], seeds: int = 3,
+                   l2: float = 2.0 ** 10) -> list[FewShotResult]:
+    """The probe over any feature source: per shot count and seed, `features_of(indices)` gives the features and
+    labels of the chosen training images (so a lazy data set decodes only those)."""
+    per_class = [torch.nonzero(train_labels == c).flatten() for c in range(num_classes)]
     results = []
     for count in shots:
         accuracies = []
@@ -75,10 +105,9 @@ def few_shot_eval(model: nn.Module, train: ImageTensors, test: ImageTensors, sho
             generator = torch.Generator().manual_seed(seed)
             chosen = torch.cat([members[torch.randperm(len(members), generator=generator)[:count]]
                                 for members in per_class])
-            features = extract_features(model, match_channels(train.images[chosen], channels), transform, device,
-                                        autocast=autocast)
-            weights, bias = ridge_classifier(features, train.labels[chosen], train.num_classes, l2)
+            features, labels = features_of(chosen)
+            weights, bias = ridge_classifier(features, labels, num_classes, l2)
             predictions = (test_features @ weights + bias).argmax(1)
-            accuracies.append(float((predictions == test.labels).double().mean()))
+            accuracies.append(float((predictions == test_labels).double().mean()))
         results.append(FewShotResult(count, accuracies))
     return results

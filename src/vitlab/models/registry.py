@@ -110,6 +110,32 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return {"family": family_of(config), **data}
 
 
+# Config fields that a run sets from its data and command line, not part of what a model is called.
+_RUN_FIELDS = ("num_classes", "img_size")
+
+
+def describe_config(config: Any) -> tuple[str, dict[str, Any]]:
+    """A registry name and the overrides that turn its config into `config` (class count and image size aside):
+    the registered model of the same family and architecture with the fewest overrides, or, when none has that
+    architecture, `FAMILY-custom` with the architecture fields themselves, so that a run record names what it
+    trained."""
+    family = get_family(config)
+    candidates = []
+    for spec in _REGISTRY.values():
+        if spec.family != family.name or any(getattr(spec.config, name) != getattr(config, name)
+                                             for name in family.architecture_fields):
+            continue
+        changed = {item.name: getattr(config, item.name) for item in dataclasses.fields(config)
+                   if item.name not in _RUN_FIELDS and getattr(config, item.name) != getattr(spec.config, item.name)}
+        candidates.append((len(changed), spec.name, changed))
+    if candidates:
+        _, name, changed = min(candidates, key=lambda candidate: candidate[:2])
+        return name, {key: list(value) if isinstance(value, tuple) else value for key, value in changed.items()}
+    fields = {name: getattr(config, name) for name in family.architecture_fields}
+    return f"{family.name}-custom", {key: list(value) if isinstance(value, tuple) else value
+                                     for key, value in fields.items()}
+
+
 def config_from_dict(data: dict[str, Any], source: str = "config") -> Any:
     """Inverse of `config_to_dict`; `source` (a file name) is named in errors."""
     data = dict(data)

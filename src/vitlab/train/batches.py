@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
-from vitlab.data import ImageTensors, match_channels
+from vitlab.data import (AugmentConfig, BatchMix, FolderSplit, ImageTensors, Preprocessing, SampleTrainTransform,
+                         folder_batches, match_channels)
 from vitlab.data.shards import ShardSet, stream_batches
 from vitlab.train.distributed import Distributed
 
@@ -84,9 +85,52 @@ class ShardBatches:
             yield self.transform(match_channels(images, self.in_chans), labels)
 
 
-def batch_source(train: ImageTensors | ShardSet, batch_size: int, seed: int, dist: Distributed,
-                 size: tuple[int, int], in_chans: int, transform: BatchTransform) -> BatchSource:
-    """The source for a training set: shards are streamed, anything else is held in memory."""
+@dataclass(frozen=True)
+class FolderBatches:
+    """An image folder read lazily: DataLoader workers decode each image and apply the per-sample transforms
+    (random-resized crop, flip, RandAugment); the batch is then normalised by `preprocessing` and mixed (MixUp /
+    CutMix). Each sample's randomness is seeded by its place in the run, so a resumed run sees the same batches.
+    `skipped` collects the unreadable files met (with `skip_bad_images`)."""
+
+    split: FolderSplit
+    batch_size: int  # global
+    seed: int
+    dist: Distributed
+    preprocessing: Preprocessing
+    augment: AugmentConfig
+    workers: int | None
+    skip_bad_images: bool
+    skipped: set[str] = field(default_factory=set)
+
+    def batches(self, start_step: int) -> Iterator[Batch]:
+        augment = self.augment
+        mix = (BatchMix.from_augment(augment, self.split.num_classes)
+               if augment.mixup_alpha > 0 or augment.cutmix_alpha > 0 else None)
+        device = self.dist.device if self.dist.device.type == "cuda" else None
+        with torch.random.fork_rng(devices=[]):  # building the loader draws from the global generator
+            loader = folder_batches(
+                self.split, self.batch_size, self.seed, start_step, self.dist.rank, self.dist.world_size,
+                self.workers, SampleTrainTransform(self.preprocessing, augment, self.split.flips_allowed), mix,
+                self.preprocessing, self.skip_bad_images, device=device, local_world_size=self.dist.local_world_size)
+        try:
+            while True:
+                with torch.random.fork_rng(devices=[]):  # so is starting its workers; the run's stream stays its own
+                    batch = next(loader)
+                self.skipped.update(loader.skipped)
+                yield batch
+        finally:
+            loader.close()
+
+
+def batch_source(train: ImageTensors | ShardSet | FolderSplit, batch_size: int, seed: int, dist: Distributed,
+                 size: tuple[int, int], in_chans: int, transform: BatchTransform,
+                 folder: tuple[Preprocessing, AugmentConfig, int | None, bool] | None = None) -> BatchSource:
+    """The source for a training set: shards are streamed, an image folder is read lazily (`folder`: its
+    preprocessing, augmentation, workers and skip_bad_images), anything else is held in memory."""
     if isinstance(train, ShardSet):
         return ShardBatches(train, batch_size, seed, dist, size, in_chans, transform)
+    if isinstance(train, FolderSplit):
+        if folder is None:
+            raise TypeError("an image folder's batch source needs its preprocessing and augmentation")
+        return FolderBatches(train, batch_size, seed, dist, *folder)
     return TensorBatches(train, batch_size, seed, dist, in_chans, transform)

@@ -59,6 +59,7 @@ class TrainConfig:
     dataset: str = "fashion-mnist"
     subset: int | None = None
     img_size: int | None = None
+    val_fraction: float = 0.1  # an image folder without val/ or test/: the share of each class held out; 0: none
     # schedule
     epochs: float = 10.0
     batch_size: int = 256
@@ -88,6 +89,7 @@ class TrainConfig:
     grad_checkpointing: bool = False  # recompute block activations in backward: fits bigger models in memory
     fsdp: bool = False  # shard parameters, gradients and optimizer state across processes (FSDP2)
     threads: int | None = None  # None or 0: torch's own choice
+    workers: int | None = None  # image-folder decoding processes; None: from the cores (`data.default_workers`)
     eval_every_epochs: float = 1.0
     checkpoint_every_steps: int = 500
     eval_batch_size: int = 1000
@@ -112,12 +114,14 @@ class TrainConfig:
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise VitlabError(f"{name} must be positive, got {getattr(self, name)}")
         non_negative = ("min_lr", "weight_decay", "warmup_steps", "warmup_epochs", "grad_clip", "label_smoothing",
-                        "threads")
+                        "threads", "workers")
         for name in non_negative:
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise VitlabError(f"{name} must not be negative, got {getattr(self, name)}")
         if len(self.betas) != 2 or not all(0.0 <= beta < 1.0 for beta in self.betas):
             raise VitlabError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise VitlabError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.batch_size % self.accum_steps:
             raise VitlabError(f"batch_size {self.batch_size} is not divisible by accum_steps {self.accum_steps}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:

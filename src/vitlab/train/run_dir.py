@@ -3,11 +3,13 @@
 A run directory holds, beside its checkpoints' tensors:
 
 - `last.json` / `best.json`: the record of a checkpoint (written with its tensors by `train.checkpoint`): the
-  training and model configs, class names, `step`, `total_steps`, `steps_per_epoch`, `best_top1`, `elapsed_s`, and
-  the optimizer, scheduler and train-loss-window state a resume needs;
-- `metrics.jsonl`: one JSON object per evaluation (`step`, `epoch`, `train_loss`, `lr`, `test_loss`, `test_top1`,
-  `test_top5`, `img_per_s`, `elapsed_s`), appended and synced line by line; a resumed run drops the lines after
-  its checkpoint's step, and readers skip a line torn by a kill;
+  training and model configs, class names, the `preprocessing` the model's images go through, `step`,
+  `total_steps`, `steps_per_epoch`, `best_top1`, `elapsed_s`, `skipped_images` and `skipped_files` (the unreadable
+  images skipped), and the optimizer, scheduler and train-loss-window state a resume needs;
+- `metrics.jsonl`: one JSON object per evaluation (`step`, `epoch`, `train_loss`, `lr`, `split` (the split the
+  `test_*` numbers were measured on: "val", "test", "holdout", or "train" where nothing is held out),
+  `test_loss`, `test_top1`, `test_top5`, `img_per_s`, `elapsed_s`), appended and synced line by line; a resumed
+  run drops the lines after its checkpoint's step, and readers skip a line torn by a kill;
 - `curves.png`: those metrics drawn (`vitlab.analysis.plots.plot_training_curves`).
 
 The trainer, the studies, the demo, the train command and the curves all go through `RunDir`.
@@ -84,8 +86,9 @@ def check_record_sizes(config: TrainConfig, path: Path) -> None:
 
 def checked_dataset(name: str, record: Path) -> str:
     """The data set a run's record names, when it is a built-in one or an image folder with the class layout
-    (class sub-folders holding images, directly or under `test/`): a record that names anything else (a system
-    directory, say) is refused by name rather than walked. Only a few entries of each folder are looked at."""
+    (class sub-folders holding images, directly or under `train/`, `val/` or `test/`): a record that names
+    anything else (a system directory, say) is refused by name rather than walked. Only a few entries of each
+    folder are looked at."""
     from torchvision.datasets.folder import IMG_EXTENSIONS
 
     from vitlab.data import BUILTIN
@@ -106,7 +109,7 @@ def checked_dataset(name: str, record: Path) -> str:
                                          for entry in entries(Path(classes[0].path)))
 
     path = Path(name)
-    if path.is_dir() and (has_classes(path / "test") or has_classes(path)):
+    if path.is_dir() and any(has_classes(root) for root in (path, path / "train", path / "val", path / "test")):
         return name
     raise VitlabError(f"{record}: dataset {name!r} is neither a built-in data set ({', '.join(BUILTIN)}) nor an "
                       "image folder with one sub-folder of images per class; pass --dataset")
