@@ -35,8 +35,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from vitlab import create_model
 from vitlab.atomic import atomic_write
-from vitlab.models.registry import create_model
 from vitlab.weights import save_weights
 
 SOURCE = Path(__file__).resolve().parents[1] / "src"

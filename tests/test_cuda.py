@@ -13,8 +13,9 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from vitlab import create_model
+from vitlab.precision import select_device
 from vitlab.train.config import TrainConfig
-from vitlab.train.loop import Trainer, select_device
+from vitlab.train.loop import Trainer
 from vitlab.weights import load_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
