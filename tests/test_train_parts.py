@@ -47,7 +47,8 @@ def test_augmentation_is_one_nested_config_named_flat_or_dotted() -> None:
 
 
 def test_random_resized_crop_is_set_checked_and_recorded() -> None:
-    config = override(RECIPES["fmnist-vit"].config, {"augment.random_resized_crop": "true", "augment.scale": "[0.35,1]"})
+    config = override(RECIPES["fmnist-vit"].config,
+                      {"augment.random_resized_crop": "true", "augment.scale": "[0.35,1]"})
     assert config.augment.scale == (0.35, 1.0) and config.augment.ratio == (3 / 4, 4 / 3)
     data = config.augment.to_data()
     assert (data.random_resized_crop, data.scale, data.ratio) == (True, (0.35, 1.0), (3 / 4, 4 / 3))

@@ -22,9 +22,10 @@ STD = 0.5
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Training augmentation. Image folders and shards always use a random-resized crop of `scale` (share of the
-    area) and `ratio` (aspect), timm's defaults; in-memory tensor sets use one only with `random_resized_crop`,
-    and `crop_padding` (random translation) besides or instead."""
+    """Training augmentation. The per-sample transforms of lazily read folders and shards always take a
+    random-resized crop of `scale` (share of the area) and `ratio` (aspect), timm's defaults; the batched
+    `TrainTransform` takes one only with `random_resized_crop` (else it resizes the whole image), and
+    `crop_padding` adds a random translation."""
 
     crop_padding: int = 0
     hflip: bool = False

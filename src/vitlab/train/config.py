@@ -32,7 +32,7 @@ class TrainAugment:
     randaugment_magnitude: int = 9
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
-    # the random-resized crop: always on for image folders and shards; on tensor sets only with the switch
+    # the batched transform's random-resized crop, off by default; per-sample folder transforms always crop
     random_resized_crop: bool = False
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
