@@ -12,7 +12,7 @@ import torch
 
 from vitlab.data import AugmentConfig, EvalTransform, TrainTransform, balanced_subset, fashion_mnist, read_idx
 from vitlab.data.datasets import ImageTensors
-from vitlab.data.transforms import random_crop
+from vitlab.data.transforms import random_crop, random_resized_crop
 from vitlab.errors import VitlabError
 from vitlab.eval.fewshot import ridge_classifier
 from vitlab.eval.metrics import confusion_matrix
@@ -96,6 +96,29 @@ def test_train_transform_normalises_and_mixes() -> None:
     assert y.shape == (32, 10) and torch.allclose(y.sum(1), torch.ones(32))
     evaluated = EvalTransform((28, 28))(images)
     assert torch.equal(evaluated, EvalTransform((28, 28))(images))
+
+
+def test_random_resized_crop_is_seeded_and_crops_each_image() -> None:
+    images = torch.randint(0, 256, (16, 1, 28, 28), dtype=torch.uint8)
+    labels = torch.arange(16) % 10
+    crops = TrainTransform(AugmentConfig(random_resized_crop=True, scale=(0.35, 1.0)), (21, 21), 10, True)
+    torch.manual_seed(0)
+    first, _ = crops(images, labels)
+    torch.manual_seed(0)
+    again, _ = crops(images, labels)
+    torch.manual_seed(1)
+    other, _ = crops(images, labels)
+    whole, _ = TrainTransform(AugmentConfig(), (21, 21), 10, True)(images, labels)
+    assert first.shape == whole.shape == (16, 1, 21, 21) and torch.equal(first, again)
+    assert not torch.equal(first, other) and all(not torch.equal(a, b) for a, b in zip(first, whole, strict=True))
+    # the whole image at its own size is the identity; a box as large as the output is a window of the image
+    assert torch.equal(random_resized_crop(images, (28, 28), (1.0, 1.0), (1.0, 1.0)), images)
+    windows = random_resized_crop(images, (14, 14), (0.25, 0.25), (1.0, 1.0))
+    for image, window in zip(images, windows, strict=True):
+        assert any(torch.equal(image[:, top:top + 14, left:left + 14], window)
+                   for top in range(15) for left in range(15))
+    tall = torch.randint(0, 256, (4, 3, 40, 10), dtype=torch.uint8)  # no box fits: the centred whole, clamped
+    assert torch.equal(random_resized_crop(tall, (10, 10), (1.0, 1.0), (1.0, 1.0)), tall[:, :, 15:25])
 
 
 def test_confusion_matrix_counts() -> None:

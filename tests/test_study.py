@@ -107,6 +107,20 @@ def test_posemb_and_resolution(tmp_path: Path, one_thread: None) -> None:
     assert (pending / "resolution.png").read_bytes().startswith(PNG)
 
 
+def test_resolution_with_crops_plans_both_pretrainings_each_tuned_and_continued(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["study", "resolution", *QUICK, "--low", "21", "--high", "28", "--no-train", "--out", str(tmp_path)]
+    assert main([*argv, "--rrc-scale", "0.35"]) == 0
+    rows = rows_of(tmp_path, "resolution")
+    assert [(row["run"], row["img_size"], row["steps"], row["total_steps"]) for row in rows] == [
+        ("vit-21px", 21, 12, 12), ("vit-28px", 28, 12, 12), ("vit-21px-pretrain", 21, 10, 10),
+        ("vit-21to28px", 28, 2, 12), ("vit-21to21px", 21, 2, 12), ("vit-rrc-21px-pretrain", 21, 10, 10),
+        ("vit-rrc-21to28px", 28, 2, 12), ("vit-rrc-21to21px", 21, 2, 12)]
+    assert "random-resized crops (area 0.35–1" in (tmp_path / "resolution.md").read_text()
+    assert main([*argv, "--rrc-scale", "0"]) == 2
+    one_error_line(capsys, "rrc scale must be in (0, 1], got 0.0")
+
+
 def test_unknown_or_unregistered_family_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     assert main(["study", "data-size", *QUICK, "--models", "vit", "cnn", "--out", str(tmp_path)]) == 2

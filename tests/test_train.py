@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from vitlab.errors import VitlabError
 from vitlab.train import checkpoint as ckpt
-from vitlab.train.config import RECIPES, TrainConfig, override
+from vitlab.train.config import RECIPES, TrainAugment, TrainConfig, override
 from vitlab.train.loop import Trainer
 
 TINY = {"embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_dim": 64, "patch_size": 4}
@@ -44,9 +44,11 @@ def test_loss_falls_and_accuracy_beats_chance(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("amp", ["fp32", "bf16"])
-def test_killed_run_resumes_bit_identically(tmp_path: Path, amp: str) -> None:
-    config = digits_config(tmp_path / "a", ema_decay=0.9, checkpoint_every_steps=10, amp=amp)
+@pytest.mark.parametrize(("amp", "augment"), [("fp32", TrainAugment()), ("bf16", TrainAugment()),
+                                               ("fp32", TrainAugment(random_resized_crop=True, scale=(0.5, 1.0)))],
+                         ids=["fp32", "bf16", "crops"])
+def test_killed_run_resumes_bit_identically(tmp_path: Path, amp: str, augment: TrainAugment) -> None:
+    config = digits_config(tmp_path / "a", ema_decay=0.9, checkpoint_every_steps=10, amp=amp, augment=augment)
     Trainer(config).fit()
     killed = dataclasses.replace(config, out=str(tmp_path / "b"))
     # Simulate a kill after step 30 by training the full schedule but stopping the loop early.

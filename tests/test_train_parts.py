@@ -28,7 +28,8 @@ from vitlab.train.config import (
 from vitlab.train.distributed import Distributed
 from vitlab.train.run_dir import RunDir
 
-FLAT_AUGMENT = ["crop_padding", "hflip", "randaugment_ops", "randaugment_magnitude", "mixup_alpha", "cutmix_alpha"]
+FLAT_AUGMENT = ["crop_padding", "hflip", "randaugment_ops", "randaugment_magnitude", "mixup_alpha", "cutmix_alpha",
+                "random_resized_crop", "scale", "ratio"]
 
 
 def test_augmentation_is_one_nested_config_named_flat_or_dotted() -> None:
@@ -43,6 +44,25 @@ def test_augmentation_is_one_nested_config_named_flat_or_dotted() -> None:
         _ = config.nothing
     data = config.augment.to_data()
     assert (data.crop_padding, data.hflip, data.mixup_alpha) == (2, True, 0.2)
+
+
+def test_random_resized_crop_is_set_checked_and_recorded() -> None:
+    config = override(RECIPES["fmnist-vit"].config,
+                      {"augment.random_resized_crop": "true", "augment.scale": "[0.35,1]"})
+    assert config.augment.scale == (0.35, 1.0) and config.augment.ratio == (3 / 4, 4 / 3)
+    data = config.augment.to_data()
+    assert (data.random_resized_crop, data.scale, data.ratio) == (True, (0.35, 1.0), (3 / 4, 4 / 3))
+    record = json.loads(json.dumps(config_to_json(config)))
+    assert record["scale"] == [0.35, 1.0] and config_from_json(record, "last.json") == config
+    older = {key: value for key, value in record.items() if key not in ("random_resized_crop", "scale", "ratio")}
+    assert config_from_json(older, "last.json").augment == TrainAugment(hflip=True)
+    for value, message in (("[0,1]", "scale must be"), ("[0.5,0.4]", "scale must be"), ("[0.2,1.5]", "scale must")):
+        with pytest.raises(VitlabError, match=message):
+            override(config, {"augment.scale": value})
+    with pytest.raises(VitlabError, match="ratio must be"):
+        override(config, {"ratio": "[1.5,0.5]"})
+    with pytest.raises(VitlabError, match="scale must be a list of 2 numbers"):
+        override(config, {"scale": "0.5"})
 
 
 def test_records_keep_the_flat_keys_of_earlier_versions() -> None:

@@ -32,6 +32,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     resolution.add_argument("--high", type=int, default=42, help="fine-tuning resolution (42)")
     resolution.add_argument("--finetune-fraction", type=float, default=0.2,
                             help="share of the steps spent fine-tuning at the high resolution (0.2)")
+    resolution.add_argument("--rrc-scale", type=float, metavar="MIN",
+                            help="also pre-train with random-resized crops of area share MIN to 1, and compare each "
+                                 "pre-training fine-tuned at --high against continued at --low")
     resolution.set_defaults(run=run_resolution)
     for kind in (posemb, resolution):
         kind.add_argument("--size", type=int, help=f"training-set size (default: all of it; --quick: "
@@ -90,4 +93,4 @@ def run_posemb(args: argparse.Namespace) -> int:
 
 def run_resolution(args: argparse.Namespace) -> int:
     return _report(studies.resolution_study(_study(args), args.models, _size(args), args.low, args.high,
-                                            args.finetune_fraction))
+                                            args.finetune_fraction, args.rrc_scale))

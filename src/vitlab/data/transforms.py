@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torchvision.ops import roi_align
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
@@ -21,8 +22,10 @@ STD = 0.5
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Training augmentation. In-memory tensor sets use `crop_padding` (random translation); image folders and
-    shards use a random-resized crop of `scale` (share of the area) and `ratio` (aspect) instead, timm's defaults."""
+    """Training augmentation. The per-sample transforms of lazily read folders and shards always take a
+    random-resized crop of `scale` (share of the area) and `ratio` (aspect), timm's defaults; the batched
+    `TrainTransform` takes one only with `random_resized_crop` (else it resizes the whole image), and
+    `crop_padding` adds a random translation."""
 
     crop_padding: int = 0
     hflip: bool = False
@@ -33,6 +36,7 @@ class AugmentConfig:
     cutmix_alpha: float = 0.0
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    random_resized_crop: bool = False
 
 
 def resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -57,6 +61,41 @@ def random_crop(images: torch.Tensor, padding: int) -> torch.Tensor:
     batch_index = torch.arange(batch)[:, None, None, None]
     channel_index = torch.arange(images.shape[1])[None, :, None, None]
     return padded[batch_index, channel_index, rows, cols]
+
+
+def random_resized_crop(images: torch.Tensor, size: tuple[int, int], scale: tuple[float, float],
+                        ratio: tuple[float, float]) -> torch.Tensor:
+    """Per-image random-resized (Inception) crop of a batch to `size`, as RandomResizedCrop on each image.
+
+    The boxes follow torchvision's rule (ten tries of an area share drawn from `scale` and a log-uniform aspect from
+    `ratio`, the first that fits, else the centred whole image clamped to `ratio`), drawn for the whole batch at
+    once; `roi_align` resamples every box in one call (bilinear, averaging several samples per pixel when it
+    shrinks)."""
+    batch, _, height, width = images.shape
+    tries = 10
+    area = height * width * torch.empty(batch, tries).uniform_(scale[0], scale[1])
+    log_ratio = torch.log(torch.tensor(ratio, dtype=torch.float64))
+    aspect = torch.exp(torch.empty(batch, tries, dtype=torch.float64).uniform_(log_ratio[0], log_ratio[1]))
+    box_w = torch.sqrt(area * aspect).round()
+    box_h = torch.sqrt(area / aspect).round()
+    fits = (box_w > 0) & (box_w <= width) & (box_h > 0) & (box_h <= height)
+    first = fits.to(torch.uint8).argmax(1, keepdim=True)
+    box_w, box_h, found = box_w.gather(1, first)[:, 0], box_h.gather(1, first)[:, 0], fits.any(1)
+    whole_w, whole_h = width, height  # the fallback: the whole image, its aspect clamped into `ratio`
+    if width / height < ratio[0]:
+        whole_h = round(width / ratio[0])
+    elif width / height > ratio[1]:
+        whole_w = round(height * ratio[1])
+    box_w = torch.where(found, box_w, float(whole_w))
+    box_h = torch.where(found, box_h, float(whole_h))
+    top = torch.where(found, (torch.rand(batch, dtype=torch.float64) * (height - box_h + 1)).floor(),
+                      ((height - box_h) / 2).floor())
+    left = torch.where(found, (torch.rand(batch, dtype=torch.float64) * (width - box_w + 1)).floor(),
+                       ((width - box_w) / 2).floor())
+    boxes = torch.stack([torch.arange(batch, dtype=torch.float64), left, top, left + box_w, top + box_h], 1)
+    crops = roi_align(images.float(), boxes.to(images.device, torch.float32), list(size), sampling_ratio=-1,
+                      aligned=True)
+    return crops.round_().clamp_(0, 255).to(images.dtype)
 
 
 def random_hflip(images: torch.Tensor) -> torch.Tensor:
@@ -93,7 +132,10 @@ class TrainTransform:
         self.mix = v2.RandomChoice(mixers) if mixers else None
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        images = resize(images, self.size)
+        if self.config.random_resized_crop:
+            images = random_resized_crop(images, self.size, self.config.scale, self.config.ratio)
+        else:
+            images = resize(images, self.size)
         if self.randaugment is not None:
             group = self.config.randaugment_group
             images = torch.cat([self.randaugment(chunk) for chunk in images.split(group)])

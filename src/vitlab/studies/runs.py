@@ -141,8 +141,10 @@ def _record(run_dir: RunDir, config: TrainConfig) -> dict[str, Any] | None:
     if wrong or steps["step"] > steps["total_steps"]:
         raise VitlabError(f"{run_dir.record_path('last')}: {', '.join(wrong) or 'step beyond total_steps'}: not the "
                           "steps of a run (the record is damaged or was edited)")
-    planned = config_to_json(config)
-    differ = sorted(key for key in planned if key not in _RUNNING_FIELDS and saved.get(key) != planned[key])
+    planned, defaults = config_to_json(config), config_to_json(TrainConfig())
+    # a field missing from an older record had its default value then
+    differ = sorted(key for key in planned
+                    if key not in _RUNNING_FIELDS and saved.get(key, defaults[key]) != planned[key])
     if differ:
         raise VitlabError(f"{run_dir.path} holds a run with other settings ({', '.join(differ)}); remove it or "
                           "choose another --out")

@@ -32,8 +32,18 @@ class TrainAugment:
     randaugment_magnitude: int = 9
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
+    # the batched transform's random-resized crop, off by default; per-sample folder transforms always crop
+    random_resized_crop: bool = False
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
 
     def __post_init__(self) -> None:
+        for name in ("scale", "ratio"):  # lists from JSON records, whole numbers from the command line
+            object.__setattr__(self, name, tuple(float(value) for value in getattr(self, name)))
+        if not 0.0 < self.scale[0] <= self.scale[1] <= 1.0:
+            raise VitlabError(f"scale must be two area shares with 0 < min <= max <= 1, got {list(self.scale)}")
+        if not 0.0 < self.ratio[0] <= self.ratio[1] or not all(map(math.isfinite, self.ratio)):
+            raise VitlabError(f"ratio must be two finite aspects with 0 < min <= max, got {list(self.ratio)}")
         for name in ("mixup_alpha", "cutmix_alpha"):
             if not math.isfinite(getattr(self, name)):
                 raise VitlabError(f"{name} must be finite, got {getattr(self, name)}")
@@ -45,7 +55,8 @@ class TrainAugment:
         """The data package's transform settings: the one place the two are converted."""
         return AugmentConfig(crop_padding=self.crop_padding, hflip=self.hflip, randaugment_ops=self.randaugment_ops,
                              randaugment_magnitude=self.randaugment_magnitude, mixup_alpha=self.mixup_alpha,
-                             cutmix_alpha=self.cutmix_alpha)
+                             cutmix_alpha=self.cutmix_alpha, scale=self.scale, ratio=self.ratio,
+                             random_resized_crop=self.random_resized_crop)
 
 
 AUGMENT_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TrainAugment))
@@ -352,7 +363,8 @@ def config_to_json(config: TrainConfig) -> dict[str, Any]:
     for item in dataclasses.fields(config):
         value = getattr(config, item.name)
         if item.name == "augment":
-            flat.update(dataclasses.asdict(value))
+            flat.update({name: list(part) if isinstance(part, tuple) else part
+                         for name, part in dataclasses.asdict(value).items()})
         else:
             flat[item.name] = list(value) if isinstance(value, tuple) else copy.deepcopy(value)
     return flat
