@@ -207,9 +207,9 @@ def test_safetensors_config_that_is_not_an_object_is_one_line(config: str, weigh
 
 
 @pytest.mark.parametrize(("posemb", "changes", "field"), [
-    ("sincos2d", {"img_size": [2048, 2048]}, "512x512 patch grid"),
-    ("sincos2d", {"img_size": [8192, 8]}, r"img_size \(8192, 8\) exceeds"),
-    ("learned", {"img_size": [2048, 2048]}, "512x512 patch grid")])
+    ("sincos2d", {"img_size": [2048, 2048]}, "262144 tokens per image"),
+    ("sincos2d", {"img_size": [65536, 8]}, r"img_size \(65536, 8\) is beyond any real model"),
+    ("learned", {"img_size": [2048, 2048]}, "262144 tokens per image")])
 def test_header_sizes_no_tensor_holds_are_bounded_before_building(posemb: str, changes: dict, field: str,
                                                                   tmp_path: Path) -> None:
     """No tensor says what image size a model is for: a sin-cos table would be built, a learned position embedding
@@ -222,7 +222,7 @@ def test_header_sizes_no_tensor_holds_are_bounded_before_building(posemb: str, c
     save_file(load_file(tmp_path / "m.safetensors"), path, metadata={"vitlab_config": json.dumps(header)})
     with pytest.raises(VitlabError, match=field):
         vitlab.weights.load_model(path)
-    with pytest.raises(VitlabError, match="patch grid"):
+    with pytest.raises(VitlabError, match="tokens per image"):
         vitlab.weights.load_model(tmp_path / "m.safetensors", img_size=4096)
 
 
@@ -336,7 +336,11 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path: Path) -> None
     deadline = time.monotonic() + 60
     while "libtorch" not in Path(f"/proc/{process.pid}/maps").read_text() and time.monotonic() < deadline:
         time.sleep(0.005)
-    process.send_signal(signal.SIGINT)
+    # Repeated until the process ends: a library being imported may swallow one interrupt (a bare `except`).
+    while process.poll() is None and time.monotonic() < deadline + 60:
+        process.send_signal(signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=0.2)
     _, err = process.communicate(timeout=120)
     lines = err.strip().splitlines()
     assert process.returncode == 130 and len(lines) == 1 and "interrupted" in lines[0], err

@@ -125,8 +125,12 @@ def _interrupted(command: str, interrupt: KeyboardInterrupt) -> int:
     """One line for Ctrl-C (exit 130) or SIGTERM/SIGHUP (exit 128 + N); a training run says how to go on."""
     signum = getattr(interrupt, "signum", signal.SIGINT)
     cause = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
-    advice = "; run it again with --resume to continue from its last checkpoint" if command in (
-        "vitlab train", "vitlab finetune") else ""
+    hint = getattr(interrupt, "resume_hint", None)  # the trainer's: which step is saved, and the command
+    advice = ""
+    if hint:
+        advice = f"; {hint}"
+    elif command in ("vitlab train", "vitlab finetune"):
+        advice = "; run it again with --resume to continue from its last checkpoint"
     with contextlib.suppress(OSError, ValueError):  # stderr itself may be gone (a closed terminal: SIGHUP)
         print(f"{command}: {cause}{advice}", file=sys.stderr)
     return 128 + int(signum)

@@ -278,8 +278,8 @@ class Trainer:
                     held.callback(getattr(batches, "close", lambda: None))  # a loader's workers end with the run
                     for step in range(run.start_step, run.total_steps):
                         self._step(run, batches, step)
-                except KeyboardInterrupt:
-                    self._save_on_interrupt(run)
+                except KeyboardInterrupt as interrupt:
+                    interrupt.resume_hint = self._save_on_interrupt(run)  # the command line's one line says it
                     raise
             if run.last_record and self.dist.is_main:
                 plot_training_curves(run.run_dir.metrics(), run.run_dir.curves_path)
@@ -309,13 +309,13 @@ class Trainer:
         cuda = [torch.cuda.get_rng_state(self.device)] if self.device.type == "cuda" else []
         return [torch.get_rng_state(), *cuda]
 
-    def _save_on_interrupt(self, run: _Run) -> None:
+    def _save_on_interrupt(self, run: _Run) -> str | None:
         """Save the last completed step as the 'last' checkpoint when newer than the one on disk and the interrupt
         came between steps (not during an update, an evaluation or a save, whose state matches no step), with the
-        random state it had then, so the resumed run goes on as an uninterrupted one; then say how to resume. Under
+        random state it had then, so the resumed run goes on as an uninterrupted one; returns how to resume. Under
         several processes a save would need all of them, so only the checkpoints already written count."""
         if not self.dist.is_main:
-            return
+            return None
         if self.dist.world_size == 1 and not run.updating and run.completed > run.saved:
             torch.set_rng_state(run.rng[0])
             if len(run.rng) > 1:
@@ -323,8 +323,7 @@ class Trainer:
             self._checkpoint("last", run, run.completed)
         held = (f"{self.out}/last.* holds step {run.saved} of {run.total_steps}" if run.saved
                 else f"no checkpoint was written to {self.out} yet")
-        print(f"vitlab: interrupted; {held}; to continue, run the same command with --resume --out {self.out}",
-              file=sys.stderr, flush=True)
+        return f"{held}; to continue, run the same command with --resume --out {self.out}"
 
     # ---------------------------------------------------------------- set-up
     def _set_up(self, held: contextlib.ExitStack) -> _Run:

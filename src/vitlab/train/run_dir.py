@@ -41,8 +41,6 @@ def read_record(path: Path) -> dict[str, Any] | None:
     regular file in its place (a FIFO would hang the read), are refused."""
     if not path.exists():
         return None
-    if not path.is_file():
-        raise VitlabError(f"{path}: a run record must be a regular file")
     try:
         with open_regular(path) as handle:  # a FIFO is refused, not waited on
             data = json.loads(handle.read())

@@ -455,7 +455,7 @@ def _uninitialised_model(config: Any, file: WeightFile, reset_head: bool) -> nn.
 
     The file is checked against the model's shapes before anything is allocated, so a config that does not
     describe the file's tensors (a corrupt or hostile one, say with a width of 10^11) is refused, not built."""
-    _check_sizes(config, file)
+    check_sane_sizes(config, str(file.path))  # sizes no tensor holds: the image size, a Perceiver's resolution
     blocks = {key.split(".")[1] for key in file.state_dict if key.startswith("blocks.")}
     if blocks and getattr(config, "depth", len(blocks)) != len(blocks):  # before building depth-many blocks
         raise VitlabError(f"{file.path} does not fit the model: its weights hold {len(blocks)} blocks, the model "
@@ -471,29 +471,6 @@ def _uninitialised_model(config: Any, file: WeightFile, reset_head: bool) -> nn.
     if any(name not in persistent for name, _ in model.named_buffers()):
         return build_model(config)  # non-persistent buffers are computed at construction, not loaded
     return model.to_empty(device="cpu")
-
-
-# Upper bounds on the sizes a config may ask for that no tensor holds: the image size (which fixes a sin-cos table
-# and the grid a learned position embedding is resampled to), a Perceiver's Fourier resolution and how often its
-# shared weights are applied. Far above every published model, far below what exhausts memory or time. Every other
-# size meets the file's tensors: the block count below, the rest on the model without storage.
-_SIZE_BOUNDS = {"img_size": 4096, "max_resolution": 4096, "num_cross_attends": 256}
-_TOKEN_BOUND = 1 << 16  # patches per image at the configured size (ViT, Mixer)
-
-
-def _check_sizes(config: Any, file: WeightFile) -> None:
-    """Refuse a config (the file's, with any overrides) that asks for a size beyond `_SIZE_BOUNDS` or more than
-    `_TOKEN_BOUND` patches per image, before anything is built or resampled: no tensor in the file would catch it."""
-    for name, bound in _SIZE_BOUNDS.items():
-        value = getattr(config, name, None)
-        values = value if isinstance(value, (tuple, list)) else (value,)
-        if any(isinstance(item, int) and item > bound for item in values):
-            raise VitlabError(f"{file.path}: {name} {value} exceeds the supported {bound:,}; refused before "
-                              "building the model")
-    grid = getattr(config, "grid_size", None)  # ViT and Mixer: the patch grid their tables are built for
-    if grid is not None and grid[0] * grid[1] > _TOKEN_BOUND:
-        raise VitlabError(f"{file.path}: img_size {config.img_size} makes a {grid[0]}x{grid[1]} patch grid, more "
-                          f"than the supported {_TOKEN_BOUND:,} tokens per image; refused before building the model")
 
 
 def save_weights(model: nn.Module, path: str | os.PathLike[str], format: str = "vitlab") -> Path:
