@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import signal
 import sys
 from collections.abc import Container, Iterable
 from pathlib import Path
@@ -74,3 +75,9 @@ def load_benchmark(name: str) -> ModuleType:
     sys.modules[spec.name] = module  # dataclasses look their module up while it is being executed
     spec.loader.exec_module(module)
     return module
+
+
+def interruptible() -> None:
+    """`preexec_fn` for a child that must get Ctrl-C: SIGINT back to its default, even when this test process was
+    started in the background with SIGINT ignored (which children would inherit)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -24,7 +24,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import vitlab.weights
-from helpers import load_benchmark, one_error_line
+from helpers import interruptible, load_benchmark, one_error_line
 from vitlab.cli import main
 from vitlab.errors import VitlabError
 
@@ -49,7 +49,7 @@ def weights(tmp_path: Path) -> Path:
 def vitlab_process(*args: str, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "vitlab", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kwargs)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=interruptible, **kwargs)
 
 
 # Opens and closes the writing end of each FIFO named on its command line whenever a reader waits on it.

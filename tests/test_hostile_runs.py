@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import vitlab
-from helpers import one_error_line
+from helpers import interruptible, one_error_line
 from vitlab.cli import main
 from vitlab.errors import VitlabError
 from vitlab.train.loop import Trainer
@@ -295,8 +296,17 @@ def test_tampered_study_records_are_one_line_under_no_train(case: str, study: Pa
 
 
 # ------------------------------------------------------------------------------------------- 10. interrupts
+@pytest.fixture
+def sigint_raises() -> Iterator[None]:
+    """Ctrl-C raises KeyboardInterrupt here, even when the test run was started with SIGINT ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def test_an_interrupt_saves_the_last_completed_step_and_resumes_to_the_same_weights(
-        trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+        trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        sigint_raises: None) -> None:
     """A real SIGINT (the CLI turns SIGTERM and SIGHUP into the same KeyboardInterrupt) while the batch of step 8
     is drawn: step 7 is saved, though no checkpoint was due, and the resumed run ends on the uninterrupted weights."""
     real = Trainer._next_batch
@@ -326,7 +336,8 @@ def test_sigint_to_a_training_process_leaves_a_checkpoint_and_says_how_to_resume
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen([sys.executable, "-m", "vitlab", *train_args(out, epochs="200")], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=interruptible)
     try:
         deadline = time.monotonic() + 120
         while not (out / "last.json").exists() and time.monotonic() < deadline and process.poll() is None:
