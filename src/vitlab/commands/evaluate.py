@@ -90,7 +90,7 @@ def folder_batches_for(args: argparse.Namespace, model: nn.Module, split: Folder
 def check_classes(args: argparse.Namespace, model: nn.Module, dataset: str, classes: tuple[str, ...]) -> None:
     """Refuse a data set whose classes are not the checkpoint's: other names (when the checkpoint records them),
     or another number of them."""
-    names = recorded_classes(args.checkpoint, model)
+    names = card_of(model).classes  # the checkpoint's own, read (and verified) with its tensors
     if names is not None:
         check_same_classes(names, classes, dataset)
     if len(classes) != model.config.num_classes:
@@ -202,26 +202,6 @@ def run_fewshot(args: argparse.Namespace) -> int:
             print(f"{result.shots:>3}-shot on {split_name}: {result.mean:.2%} ± {result.std:.2%}  "
                   f"({args.seeds} seeds, {precision})")
     return 0
-
-
-def recorded_classes(checkpoint: str, model: nn.Module | None = None) -> list[str] | None:
-    """The class names a checkpoint records (its model card's, else training's safetensors metadata), or None."""
-    from safetensors import SafetensorError, safe_open
-
-    card_names = card_of(model).classes if model is not None else None
-    if card_names:
-        return [str(name) for name in card_names]
-    path = Path(checkpoint)
-    if path.is_dir():
-        path = next((path / name for name in ("best.safetensors", "last.safetensors") if (path / name).exists()), path)
-    names = None
-    if path.suffix == ".safetensors":
-        try:
-            with safe_open(str(path), "pt") as handle:
-                names = json.loads((handle.metadata() or {}).get("classes", "null"))
-        except (SafetensorError, OSError, json.JSONDecodeError):
-            names = None
-    return [str(name) for name in names] if isinstance(names, list) and names else None
 
 
 @torch.no_grad()
