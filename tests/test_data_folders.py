@@ -239,6 +239,27 @@ def test_training_batches_are_deterministic_and_resume_mid_epoch(pets: Path) -> 
     assert not torch.equal(other[0][0], full[0][0])
 
 
+def test_cpu_batches_normalised_in_workers_equal_the_reference_pipeline(pets: Path) -> None:
+    """On the CPU the workers normalise each sample, seeding torch's CPU generator directly; the batch must be what
+    seeding with `torch.manual_seed` in a forked RNG and normalising the stacked uint8 batch gives."""
+    from vitlab.data.preprocess import normalize_batch
+
+    split = list_image_folder(pets, "train")
+    transform = SampleTrainTransform(PRE, AugmentConfig(hflip=True, randaugment_ops=2))
+    for workers in (0, 1):
+        inputs, labels = next(folder_batches(split, 6, seed=3, workers=workers, transform=transform,
+                                             preprocessing=PRE))
+        expected = []
+        for index, sample_seed in next(iter(StepBatchSampler(len(split), 6, seed=3))):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(sample_seed)
+                expected.append(transform(load_image(split.paths[index])))
+        assert inputs.dtype == torch.float32 and inputs.is_contiguous()
+        assert torch.equal(inputs, normalize_batch(torch.stack(expected), PRE))
+        assert labels.tolist() == [int(split.labels[index]) for index, _ in
+                                   next(iter(StepBatchSampler(len(split), 6, seed=3)))]
+
+
 def test_ranks_share_each_global_batch_and_epochs_visit_every_image_once() -> None:
     whole = StepBatchSampler(30, 6, seed=2)
     ranks = [StepBatchSampler(30, 6, seed=2, rank=rank, world_size=3) for rank in range(3)]

@@ -85,7 +85,7 @@ def decode_image(source: BinaryIO | bytes, where: str | Path, mode: str = "RGB",
             image_file = Image.open(stream, formats=FORMATS)
         with image_file as image:
             _check_size(image, where, limits)
-            image = ImageOps.exif_transpose(image)
+            ImageOps.exif_transpose(image, in_place=True)  # a copy of every image otherwise
             if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grey: scale to 8 bits
                 image = Image.fromarray((np.asarray(image, dtype=np.float64) / max(np.asarray(image).max(), 1)
                                          * 255).astype(np.uint8))
@@ -93,7 +93,8 @@ def decode_image(source: BinaryIO | bytes, where: str | Path, mode: str = "RGB",
                 image = image.convert("RGBA")
                 background = Image.new("RGBA", image.size, (255, 255, 255, 255))
                 image = Image.alpha_composite(background, image)
-            image = image.convert(mode)
+            if image.mode != mode:  # `convert` to the same mode would copy
+                image = image.convert(mode)
             image.load()
     except READ_ERRORS as error:
         raise VitlabError(f"{where}: cannot read image ({type(error).__name__}: {error})") from None

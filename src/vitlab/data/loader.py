@@ -9,6 +9,7 @@ workers, sees the very batches an uninterrupted run would.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -39,6 +40,36 @@ def default_workers(local_world_size: int = 1) -> int:
 
 def _mix_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(part) % 2**63 for part in parts]).generate_state(1, np.uint64)[0]) % 2**63
+
+
+@contextlib.contextmanager
+def seeded_cpu_generator(seed: int) -> Iterator[None]:
+    """torch's CPU generator seeded for the block and restored after it: `torch.random.fork_rng(devices=[])` with
+    `torch.manual_seed`, without their cost of visiting every device backend, which is paid once per sample."""
+    generator = torch.default_generator
+    state = generator.get_state()
+    generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        generator.set_state(state)
+
+
+class NormalizingTransform:
+    """A per-sample transform followed by normalisation, for loaders whose batches stay on the CPU: there the
+    workers normalise in parallel, instead of the training process after them (an accelerator normalises the
+    uint8 batch itself, which also crosses to it in a quarter of the bytes)."""
+
+    def __init__(self, transform: Callable[[Image.Image], torch.Tensor], preprocessing: Preprocessing) -> None:
+        self.transform, self.preprocessing = transform, preprocessing
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return normalize_batch(self.transform(image)[None], self.preprocessing)[0]
+
+
+def normalizes_in_workers(device: torch.device | None) -> bool:
+    """Whether batches for `device` are normalised per sample in the loader workers (see `NormalizingTransform`)."""
+    return device is None or device.type == "cpu"
 
 
 class FolderDataset(torch.utils.data.Dataset):
@@ -74,19 +105,21 @@ class FolderDataset(torch.utils.data.Dataset):
             if seed is None:
                 pixels = self.transform(image)
             else:
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(seed)
+                with seeded_cpu_generator(seed):
                     pixels = self.transform(image)
             return pixels, int(self.split.labels[index]), skipped, None
         return None, -1, skipped, f"{self.split.name}: no readable images"
 
 
 def collate(samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor, list[str], list[str]]:
-    """(uint8 images (B, C, H, W), int64 labels (B,), skipped paths, errors) of the readable samples."""
+    """(images (B, C, H, W): uint8, or float when normalised in the workers; int64 labels (B,), skipped paths,
+    errors) of the readable samples. The images are stacked as `default_collate` stacks them: in a worker, straight
+    into the shared memory that carries them to the main process."""
     kept = [sample for sample in samples if sample[0] is not None]
     skipped = [path for sample in samples for path in sample[2]]
     errors = [sample[3] for sample in samples if sample[3]]
-    images = torch.stack([sample[0] for sample in kept]) if kept else torch.empty(0, dtype=torch.uint8)
+    images = (torch.utils.data.default_collate([sample[0] for sample in kept]) if kept
+              else torch.empty(0, dtype=torch.uint8))
     return images, torch.tensor([sample[1] for sample in kept], dtype=torch.int64), skipped, errors
 
 
@@ -134,7 +167,7 @@ def _raise_errors(errors: list[str]) -> None:
 class TrainBatches:
     """What `folder_batches` and `shards.shard_batches` return: (inputs, targets) per step, forever. `skipped`
     holds the unreadable files met so far (with `skip_bad_images`); `steps_per_epoch` counts global batches per
-    epoch."""
+    epoch. Batches arrive normalised when `normalizes_in_workers(device)`, else as uint8 to normalise here."""
 
     loader: torch.utils.data.DataLoader
     preprocessing: Preprocessing
@@ -159,13 +192,9 @@ class TrainBatches:
         images, labels, skipped, errors = next(self._batches)
         _raise_errors(errors)
         self.skipped.update(skipped)
-        if self.device is not None:
-            images = images.to(self.device, non_blocking=True)
-            labels = labels.to(self.device, non_blocking=True)
-        inputs = normalize_batch(images, self.preprocessing)
+        inputs, labels = _on_device(images, labels, self.preprocessing, self.device)
         if self.mix is not None:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(_mix_seed(self.seed, self.step, self.rank))
+            with seeded_cpu_generator(_mix_seed(self.seed, self.step, self.rank)):
                 inputs, labels = self.mix(inputs, labels)
         self.step += 1
         return inputs, labels
@@ -173,6 +202,16 @@ class TrainBatches:
     def close(self) -> None:
         """Stop the worker processes; the iterator ends."""
         self._batches = iter(())
+
+
+def _on_device(images: torch.Tensor, labels: torch.Tensor, preprocessing: Preprocessing,
+               device: torch.device | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A collated batch as model inputs on `device`: moved there (non-blocking from pinned memory) and normalised
+    there, unless the workers normalised it already."""
+    if normalizes_in_workers(device):
+        return images, labels
+    images = images.to(device, non_blocking=True)
+    return normalize_batch(images, preprocessing), labels.to(device, non_blocking=True)
 
 
 def _loader_options(workers: int, device: torch.device | None, persistent: bool) -> dict[str, Any]:
@@ -192,10 +231,13 @@ def folder_batches(dataset: FolderSplit, batch_size: int, seed: int, start_step:
     """Endless training batches of a folder split for this rank, from `start_step` on: (float inputs
     (batch_size // world_size, C, H, W) normalised by `preprocessing`, targets: int64 labels, or soft targets
     when `mix` mixes). `batch_size` is the global batch; `transform` is the per-sample transform (usually a
-    `SampleTrainTransform`; default: the evaluation transform). `device` moves the uint8 batch there (pinned,
-    non-blocking on CUDA) before it is normalised and mixed. `workers` defaults to `default_workers`."""
+    `SampleTrainTransform`; default: the evaluation transform). An accelerator `device` gets the uint8 batch
+    (pinned, non-blocking on CUDA) and normalises it; on the CPU the workers normalise. `workers` defaults to
+    `default_workers`."""
     preprocessing = preprocessing or Preprocessing()
     transform = transform or SampleEvalTransform(preprocessing)
+    if normalizes_in_workers(device):
+        transform = NormalizingTransform(transform, preprocessing)
     sampler = StepBatchSampler(len(dataset), batch_size, seed, start_step, rank, world_size)
     workers = default_workers(local_world_size) if workers is None else workers
     source = FolderDataset(dataset, transform, preprocessing.mode, skip_bad_images, limits, substitute=True)
@@ -225,10 +267,7 @@ class EvalBatches:
             self.skipped.update(skipped)
             if not len(labels):
                 continue
-            if self.device is not None:
-                images = images.to(self.device, non_blocking=True)
-                labels = labels.to(self.device, non_blocking=True)
-            yield normalize_batch(images, self.preprocessing), labels
+            yield _on_device(images, labels, self.preprocessing, self.device)
 
 
 def eval_batches(dataset: FolderSplit, preprocessing: Preprocessing, batch_size: int, workers: int | None = None,
@@ -241,8 +280,10 @@ def eval_batches(dataset: FolderSplit, preprocessing: Preprocessing, batch_size:
     if batch_size < 1:
         raise VitlabError(f"eval batch size must be positive, got {batch_size}")
     indices = list(range(rank, len(dataset), world_size))
-    source = FolderDataset(dataset, SampleEvalTransform(preprocessing), preprocessing.mode, skip_bad_images, limits,
-                           substitute=False)
+    transform: Callable[[Image.Image], torch.Tensor] = SampleEvalTransform(preprocessing)
+    if normalizes_in_workers(device):
+        transform = NormalizingTransform(transform, preprocessing)
+    source = FolderDataset(dataset, transform, preprocessing.mode, skip_bad_images, limits, substitute=False)
     workers = default_workers(local_world_size) if workers is None else workers
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(source, indices), batch_size=batch_size,
                                          shuffle=False, **_loader_options(workers, device, True))

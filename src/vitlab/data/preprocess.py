@@ -146,10 +146,11 @@ class SampleTrainTransform:
 
 def normalize_batch(images: torch.Tensor, preprocessing: Preprocessing) -> torch.Tensor:
     """uint8 (B, C, H, W) → float32 `(x / 255 - mean) / std`, on the images' device (the same operations as
-    torchvision's ToTensor + Normalize, so the values are the same)."""
+    torchvision's ToTensor + Normalize, so the values are the same). The result is contiguous: a Pillow image's
+    tensor is a channels-last view, on which the per-channel operations would run strided."""
     mean = torch.tensor(preprocessing.mean, device=images.device).view(1, -1, 1, 1)
     std = torch.tensor(preprocessing.std, device=images.device).view(1, -1, 1, 1)
-    return images.to(torch.float32, copy=True).div_(255).sub_(mean).div_(std)
+    return images.to(torch.float32, memory_format=torch.contiguous_format, copy=True).div_(255).sub_(mean).div_(std)
 
 
 @dataclass

@@ -49,7 +49,8 @@ from vitlab.data.images import (
     load_image,
     open_regular,
 )
-from vitlab.data.loader import Sample, TrainBatches, collate, default_workers
+from vitlab.data.loader import (NormalizingTransform, Sample, TrainBatches, collate, default_workers,
+                                normalizes_in_workers)
 from vitlab.data.preprocess import BatchMix, Preprocessing
 from vitlab.data.tensors import ImageTensors
 from vitlab.errors import VitlabError
@@ -454,10 +455,12 @@ def shard_batches(shards: ShardSet, batch_size: int, seed: int, start_step: int 
     if batch_size % world_size:
         raise VitlabError(f"batch_size {batch_size} (global) is not divisible by {world_size} process(es)")
     preprocessing = preprocessing or Preprocessing()
+    transform = transform or SampleEvalTransform(preprocessing)
+    if normalizes_in_workers(device):
+        transform = NormalizingTransform(transform, preprocessing)
     stream = ShardStream(shards.urls, rank, world_size, seed, resampled=True, start=start_step,
-                         shuffle_buffer=SHUFFLE_BUFFER, channels=preprocessing.channels,
-                         transform=transform or SampleEvalTransform(preprocessing), skip_bad_images=skip_bad_images,
-                         limits=limits)
+                         shuffle_buffer=SHUFFLE_BUFFER, channels=preprocessing.channels, transform=transform,
+                         skip_bad_images=skip_bad_images, limits=limits)
     workers = default_workers(local_world_size) if workers is None else workers
     loader = torch.utils.data.DataLoader(stream, batch_size=batch_size // world_size, num_workers=workers,
                                          collate_fn=collate, drop_last=True, persistent_workers=workers > 0,
