@@ -98,6 +98,29 @@ def test_int8_agrees_with_fp32(ort: ModuleType, digits_model: tuple[VisionTransf
     assert (quantized(larger) - expected).norm() / expected.norm() < 0.05
 
 
+def test_int8_reduces_the_weight_range_on_cpus_without_vnni(ort: ModuleType, monkeypatch: pytest.MonkeyPatch,
+                                                            tmp_path: Path) -> None:
+    """Without VNNI, x86 int8 kernels saturate on full-range weights: the export picks 7-bit weights there and
+    records the choice; `reduce_range` overrides it."""
+    import onnx
+
+    from vitlab.export import quantize as quantize_module
+
+    model = random_model(ViTConfig(img_size=8, patch_size=4, in_chans=1, num_classes=3, embed_dim=16, depth=1,
+                                   num_heads=2, mlp_dim=32))
+    recorded, largest = [], []
+    for units, forced in ((None, None), ("AVX512-VNNI", None), ("AMX-INT8", True)):
+        monkeypatch.setattr(quantize_module, "cpu_int8_units", lambda units=units: units)
+        path = quantize_module.export_int8_onnx(model, tmp_path / f"{units}-{forced}.onnx", reduce_range=forced)
+        graph = onnx.load(str(path))
+        recorded.append({prop.key: prop.value for prop in graph.metadata_props}["int8_reduce_range"])
+        weights = [onnx.numpy_helper.to_array(tensor) for tensor in graph.graph.initializer
+                   if tensor.data_type == onnx.TensorProto.INT8]
+        largest.append(max(int(np.abs(weight.astype(np.int32)).max()) for weight in weights))
+    assert recorded == ["true", "false", "true"]
+    assert largest[0] <= 64 and largest[1] == 127 and largest[2] <= 64
+
+
 def test_torch_int8_agrees_with_fp32(digits_model: tuple[VisionTransformer, torch.Tensor, torch.Tensor]) -> None:
     """PyTorch's own dynamic int8, the other int8 path the int8 benchmark times, on the same trained model."""
     model, images, _ = digits_model

@@ -33,6 +33,18 @@ def cpu_bf16_units() -> str | None:
     return None
 
 
+def cpu_int8_units() -> str | None:
+    """The int8 dot-product instructions of this x86 CPU: `AMX-INT8`, `AVX512-VNNI`, or None. Without them, x86
+    int8 kernels multiply with `vpmaddubsw`, whose 16-bit sums saturate on full-range 8-bit weights."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    if torch.cpu._is_amx_tile_supported():
+        return "AMX-INT8"
+    if torch.cpu._is_vnni_supported():
+        return "AVX512-VNNI"
+    return None
+
+
 def bf16_emulated_on_cpu() -> bool:
     """Whether this x86 CPU lacks bf16 instructions (AVX512-BF16, AMX), so that bf16 autocast would be slower than
     fp32. Other architectures are not judged."""

@@ -26,7 +26,7 @@ from torch import nn
 from vitlab.atomic import atomic_path
 from vitlab.errors import VitlabError
 from vitlab.export.onnx import INPUT_NAME, export_onnx, require_onnxruntime, set_metadata, writable_path
-from vitlab.precision import autocast, cpu_bf16_units
+from vitlab.precision import autocast, cpu_bf16_units, cpu_int8_units
 
 QUANTIZE_MODES = ("int8",)
 
@@ -36,9 +36,13 @@ def check_quantize_mode(mode: str) -> None:
         raise VitlabError(f"quantize must be one of {QUANTIZE_MODES}, got {mode!r}")
 
 
-def export_int8_onnx(model: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+def export_int8_onnx(model: nn.Module, path: str | Path, metadata: dict[str, str] | None = None,
+                     reduce_range: bool | None = None) -> Path:
     """Write `model` as an ONNX graph (dynamic axes, size checks and `metadata` as `export_onnx`) whose MatMul/Gemm
-    layers are dynamic int8."""
+    layers are dynamic int8. `reduce_range` quantises weights to 7 bits, as ONNX Runtime advises for CPUs without
+    VNNI (whose int8 kernels would otherwise saturate); by default it is chosen for the CPU at hand."""
+    if reduce_range is None:
+        reduce_range = cpu_int8_units() is None
     path = writable_path(path)
     require_onnxruntime()
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -51,9 +55,8 @@ def export_int8_onnx(model: nn.Module, path: str | Path, metadata: dict[str, str
             fp32 = export_onnx(model, Path(folder) / "fp32.onnx")
             with atomic_path(path) as temporary:
                 quantize_dynamic(str(fp32), str(temporary), weight_type=QuantType.QInt8, per_channel=True,
-                                 op_types_to_quantize=["MatMul", "Gemm"])
-                if metadata:
-                    set_metadata(temporary, metadata)
+                                 reduce_range=reduce_range, op_types_to_quantize=["MatMul", "Gemm"])
+                set_metadata(temporary, {**(metadata or {}), "int8_reduce_range": str(reduce_range).lower()})
     finally:
         root.setLevel(level)
     return path
