@@ -8,8 +8,8 @@ weights file. For each setting a fresh `python -m vitlab serve` runs in a subpro
 first, then `--requests` requests (the same JPEG photo as the raw body) from `--clients` threads, each with its own
 keep-alive connection. Reported per setting: requests/s over the measured requests, p50/p95/p99 latency, errors
 (non-200 answers and failed connections), the batch sizes the server ran (from /healthz) and the server's resident
-set size (VmRSS) after the warm-up and after the measured requests. Prints a markdown table; `--json` writes the
-rows too.
+set size (VmRSS) after the warm-up and after each quarter of the measured requests. Prints a markdown table;
+`--json` writes the rows too.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +56,7 @@ class Row:
     batches: dict[str, int]
     rss_before_mb: float
     rss_after_mb: float
+    rss_trace_mb: list[float]  # after each quarter of the measured requests
 
     @property
     def rss_growth(self) -> float:
@@ -120,9 +121,11 @@ def server(checkpoint: Path, max_batch: int, max_wait_ms: float, threads: int | 
         process.wait(timeout=60)
 
 
-def load(port: int, body: bytes, clients: int, requests: int) -> tuple[list[float], int, float]:
+def load(port: int, body: bytes, clients: int, requests: int, on_quarter: Callable[[], None] | None = None
+         ) -> tuple[list[float], int, float]:
     """`requests` POSTs shared among `clients` threads; returns the latencies (s), the error count and the wall
-    time (s)."""
+    time (s). `on_quarter` is called as each quarter of the requests completes."""
+    quarters = {round(requests * share) for share in (0.25, 0.5, 0.75, 1.0)}
     remaining = iter(range(requests))
     lock = threading.Lock()
     latencies: list[float] = []
@@ -148,6 +151,8 @@ def load(port: int, body: bytes, clients: int, requests: int) -> tuple[list[floa
             with lock:
                 latencies.append(elapsed)
                 errors[0] += not ok
+                if on_quarter is not None and len(latencies) in quarters:
+                    on_quarter()
         connection.close()
 
     workers = [threading.Thread(target=client) for _ in range(clients)]
@@ -164,13 +169,14 @@ def measure(setting: str, checkpoint: Path, body: bytes, args: argparse.Namespac
     with server(checkpoint, max_batch, args.max_wait_ms, args.threads, folder / f"{setting}.log") as (port, pid):
         load(port, body, args.clients, args.warmup)
         before = rss_mb(pid)
-        latencies, errors, wall = load(port, body, args.clients, args.requests)
+        trace: list[float] = []
+        latencies, errors, wall = load(port, body, args.clients, args.requests, lambda: trace.append(rss_mb(pid)))
         after = rss_mb(pid)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as response:
             batches = json.loads(response.read())["batches"]
     p50, p95, p99 = np.percentile(np.array(latencies) * 1000, [50, 95, 99])
     return Row(setting, max_batch, args.clients, args.requests, errors, args.requests / wall, float(p50),
-               float(p95), float(p99), batches, before, after)
+               float(p95), float(p99), batches, before, after, trace)
 
 
 def main() -> None:
@@ -196,13 +202,14 @@ def main() -> None:
                 measure(f"batch {args.max_batch}", checkpoint, body, args, args.max_batch, folder)]
     print(f"{args.model} (random weights), {args.clients} clients, {args.requests} requests per setting, "
           f"--max-wait-ms {args.max_wait_ms}, {len(body):,}-byte JPEG\n")
-    print("| setting | req/s | p50 ms | p95 ms | p99 ms | errors | batch sizes run | RSS before → after MB |")
-    print("|---|---:|---:|---:|---:|---:|---|---|")
+    print("| setting | req/s | p50 ms | p95 ms | p99 ms | errors | batch sizes run | RSS before → after MB "
+          "| RSS at each quarter MB |")
+    print("|---|---:|---:|---:|---:|---:|---|---|---|")
     for row in rows:
         sizes = ", ".join(f"{size}×{count}" for size, count in row.batches.items())
         print(f"| {row.setting} | {row.requests_per_s:.1f} | {row.p50_ms:.1f} | {row.p95_ms:.1f} | {row.p99_ms:.1f} "
               f"| {row.errors} | {sizes} | {row.rss_before_mb:.0f} → {row.rss_after_mb:.0f} "
-              f"({row.rss_growth:+.1%}) |")
+              f"({row.rss_growth:+.1%}) | {', '.join(f'{value:.0f}' for value in row.rss_trace_mb)} |")
     print(f"\nbatching / batch 1 throughput: {rows[1].requests_per_s / rows[0].requests_per_s:.2f}x")
     if args.json:
         record = {"model": args.model, "img_size": args.img_size, "weights": "random", "jpeg_bytes": len(body),

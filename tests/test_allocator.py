@@ -41,3 +41,33 @@ def test_freed_blocks_are_reused_without_page_faults() -> None:
     assert _faults("mmap") > pages // 2  # the count sees blocks handed back and faulted in again
     # glibc's own default lies in between and varies from run to run (20k to 327k faults here)
     assert _faults("keep") < pages // 20
+
+
+_RSS_AFTER_FREEING = """
+import sys, torch
+from vitlab.allocator import keep_freed_memory, release_freed_memory
+def rss_mib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+assert keep_freed_memory()
+held = [torch.ones(1 << 18) for _ in range(256)]  # 256 blocks of 1 MiB, under the mmap threshold: on the heap
+del held[:-1]  # all freed but the last, which pins the heap's top
+before = rss_mib()
+if sys.argv[1] == "release":
+    assert release_freed_memory()
+print(before - rss_mib())
+"""
+
+
+def _released_mib(mode: str) -> float:
+    done = subprocess.run([sys.executable, "-c", _RSS_AFTER_FREEING, mode], capture_output=True, text=True,
+                          check=True)
+    return float(done.stdout.split()[-1])
+
+
+def test_release_hands_freed_heap_pages_back() -> None:
+    """With freed memory kept (as every vitlab command sets), only an explicit release gives it back: what the
+    server does after each batch."""
+    assert _released_mib("keep") < 16
+    assert _released_mib("release") > 200

@@ -39,7 +39,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from vitlab.analysis.attention import attention_maps, attention_rollout  # noqa: E402
 from vitlab.data import EvalTransform  # noqa: E402
-from vitlab.serve.app import ServeConfig, create_app  # noqa: E402
+from vitlab.serve.app import ServeConfig, create_app, pixel_threads  # noqa: E402
 from vitlab.serve.batching import Batcher  # noqa: E402
 from vitlab.serve.model import ServedModel, serving_precision  # noqa: E402
 
@@ -214,12 +214,23 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(checkpoint
     served = ServedModel(str(checkpoint), precision="fp32")  # bf16 rounds a batch of 8 unlike a batch of 1
     with client_for(served, max_batch=1) as client:
         alone = [post(client, path, "?attention=rollout" if index % 2 else "") for index, path in enumerate(images)]
+    decoded_in: set[str] = set()
+    prepare = served.prepare
+
+    def prepare_and_record(data: bytes) -> torch.Tensor:
+        decoded_in.add(threading.current_thread().name)
+        return prepare(data)
+
+    served.prepare = prepare_and_record  # type: ignore[method-assign]
     with client_for(served, max_batch=8, max_wait_ms=500) as client:
         with ThreadPoolExecutor(len(images)) as pool:
             together = list(pool.map(lambda pair: post(client, pair[1], "?attention=rollout" if pair[0] % 2 else ""),
                                      enumerate(images)))
         batches = client.get("/healthz").json()["batches"]
     assert max(int(size) for size in batches) > 1, batches
+    # Uploads are decoded in the app's own pool, one thread per core at most, whatever the number of clients.
+    assert decoded_in and all(name.startswith("vitlab-pixels") for name in decoded_in)
+    assert len(decoded_in) <= pixel_threads() < len(images)
     for single, batched in zip(alone, together, strict=True):
         assert [item["label"] for item in single["top"]] == [item["label"] for item in batched["top"]]
         np.testing.assert_allclose([item["probability"] for item in single["top"]],

@@ -20,14 +20,14 @@ from typing import Any, Literal
 
 import torch
 from fastapi import FastAPI, Query, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from vitlab.serve.batching import Batcher
+from vitlab.allocator import release_freed_memory
+from vitlab.serve.batching import Batcher, PixelWork
 from vitlab.serve.model import MAX_PIXELS, Answer, ImageProblem, ServedModel, check_image, overlay_png
 
 log = logging.getLogger("vitlab.serve")
@@ -131,17 +131,28 @@ def create_app(config: ServeConfig, served: ServedModel | None = None) -> FastAP
     limit = int(config.max_upload_mb * 2 ** 20)
 
     def run_batch(jobs: list[tuple[torch.Tensor, bool, bool]]) -> list[Answer]:
-        return served.run(torch.stack([image for image, _, _ in jobs]), [rollout for _, rollout, _ in jobs],
-                          [layers for _, _, layers in jobs])
+        try:
+            return served.run(torch.stack([image for image, _, _ in jobs]), [rollout for _, rollout, _ in jobs],
+                              [layers for _, _, layers in jobs])
+        finally:
+            release_freed_memory()  # a server's memory stays flat whatever mix of batch sizes it has run
 
     batcher: Batcher[tuple[torch.Tensor, bool, bool], Answer] = Batcher(run_batch, config.max_batch,
                                                                    config.max_wait_ms / 1000)
+    pixel_work = PixelWork(pixel_threads())
+
+    def check_and_prepare(data: bytes) -> tuple[tuple[str, int, int], torch.Tensor]:
+        return check_image(data, config.max_pixels), served.prepare(data)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        pixel_work.start()
         await batcher.start()
-        yield
-        await batcher.stop()
+        try:
+            yield
+        finally:
+            await batcher.stop()
+            pixel_work.stop()
 
     app = FastAPI(title="vitlab serve", version="1", lifespan=lifespan,
                   description=f"Top-k classes and attention rollout of `{served.name}` for uploaded images.")
@@ -203,13 +214,12 @@ def create_app(config: ServeConfig, served: ServedModel | None = None) -> FastAP
             raise ImageProblem(422, f"attention=rollout needs a ViT; {served.card['architecture']} has no "
                                     "class-token attention to roll out")
         data = await uploaded_image(request, limit)
-        image_format, width, height = await run_in_threadpool(check_image, data, config.max_pixels)
-        inputs = await run_in_threadpool(served.prepare, data)
+        (image_format, width, height), inputs = await pixel_work.run(check_and_prepare, data)
         answer = await batcher.submit((inputs, attention == "rollout", layers))
         top = answer.probabilities.topk(min(top_k, len(served.classes)))
         rollout = None
         if answer.rollout is not None:
-            overlay = await run_in_threadpool(overlay_png, data, answer.rollout, served.size)
+            overlay = await pixel_work.run(overlay_png, data, answer.rollout, served.size)
             rollout = Rollout(method="rollout", grid=answer.rollout.tolist(), overlay_png=overlay,
                               layers=None if answer.layers is None else answer.layers.tolist())
         return Prediction(
@@ -219,6 +229,15 @@ def create_app(config: ServeConfig, served: ServedModel | None = None) -> FastAP
             image={"format": image_format, "width": width, "height": height, "bytes": len(data)})
 
     return app
+
+
+def pixel_threads() -> int:
+    """Threads for decoding uploads: the cores this process may use (at least 1, at most 8)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores))
 
 
 def log_requests() -> None:

@@ -1,4 +1,5 @@
-"""Dynamic batching: concurrent requests gathered into one call of a batch function, each answered on its own."""
+"""Dynamic batching: concurrent requests gathered into one call of a batch function, each answered on its own; and
+the threads that decode their uploads meanwhile."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import asyncio
 import collections
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -86,3 +87,28 @@ class Batcher(Generic[Item, Result]):
             for (_, future), result in zip(batch, results, strict=True):
                 if not future.done():
                     future.set_result(result)
+
+
+class PixelWork:
+    """A fixed pool of threads for the per-request pixel work off the event loop (decoding, resizing, overlays).
+    As many threads as cores: more would only compete with the forward pass for them, and give glibc more
+    arenas to spread freed memory over."""
+
+    def __init__(self, threads: int) -> None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        self.threads = threads
+        self._executor: ThreadPoolExecutor | None = None
+
+    def start(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="vitlab-pixels")
+
+    def stop(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    async def run(self, function: Callable[..., Result], *args: Any) -> Result:
+        if self._executor is None:
+            raise RuntimeError("the pixel threads are not running: call start() first")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
