@@ -1,6 +1,6 @@
 """`vitlab demo`: the main job end to end on Fashion-MNIST, through the same commands a user types.
 
-Pre-train the `fmnist-vit` recipe, evaluate it, fine-tune at a higher resolution (the paper's recipe), predict a
+Pre-train the `fmnist-vit-rrc` recipe, evaluate it, fine-tune at a higher resolution (the paper's step), predict a
 few test images, draw what the model learned, and print a summary.
 """
 
@@ -20,14 +20,16 @@ from vitlab.train.config import RECIPES
 from vitlab.train.run_dir import RunDir
 from vitlab.precision import AMP_CHOICES
 
+PRETRAIN_RECIPE = "fmnist-vit-rrc"
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("demo", help="train, fine-tune, evaluate, predict and analyse on Fashion-MNIST")
     parser.add_argument("--out", default="runs/demo")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     parser.add_argument("--amp", choices=AMP_CHOICES, default=None,
-                        help="precision of every step (default: the recipe's, fp32 for fmnist-vit, whose accuracy "
-                             "bf16 autocast lowers; see docs/precision.md)")
+                        help="precision of every step (default: the recipe's, auto: bf16 autocast where the "
+                             "hardware multiplies bf16 natively, else fp32; see docs/precision.md)")
     parser.set_defaults(run=run)
 
 
@@ -67,10 +69,11 @@ def run(args: argparse.Namespace) -> int:
     pretrain, finetune = out / "pretrain", out / "finetune"
     progress = [] if args.progress else ["--no-progress"]
     started = time.perf_counter()
-    print(f"recipe fmnist-vit: {RECIPES['fmnist-vit'].description}; expected: {RECIPES['fmnist-vit'].expected}")
-    amp_name = args.amp or RECIPES["fmnist-vit"].config.amp
+    recipe = RECIPES[PRETRAIN_RECIPE]
+    print(f"recipe {PRETRAIN_RECIPE}: {recipe.description}; expected: {recipe.expected}")
+    amp_name = args.amp or recipe.config.amp
     amp = ["--set", f"amp={amp_name}"]
-    _vitlab("train", "--recipe", "fmnist-vit", "--out", str(pretrain), "--resume", *amp, *progress)
+    _vitlab("train", "--recipe", PRETRAIN_RECIPE, "--out", str(pretrain), "--resume", *amp, *progress)
     trained = time.perf_counter()
     _vitlab("eval", str(pretrain), "--out", str(pretrain), "--amp", amp_name)
     _vitlab("finetune", "--recipe", "fmnist-finetune", "--from", str(pretrain), "--out", str(finetune), "--resume",
