@@ -63,7 +63,8 @@ def _check_expansion(handle: Any, path: str | os.PathLike[str]) -> None:
     size = os.fstat(handle.fileno()).st_size
     try:
         members = zipfile.ZipFile(handle).infolist()
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as error:
+    # NotImplementedError: a member needs a zip version that zipfile does not know
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, NotImplementedError) as error:
         raise VitlabError(f"{path}: not a readable .npz file (not a zip archive: {error})") from None
     bound = _EXPANSION * size + _EXPANSION_FLOOR
     declared = 0
