@@ -198,8 +198,8 @@ RECIPES: dict[str, Recipe] = {
                     "epoch; whole images, so it suits staying at 21 px"),
     # Objects fill Fashion-MNIST's frames: only crops that show them enlarged prepare the model for 28 px.
     "fmnist-vit-rrc": Recipe(
-        dataclasses.replace(FMNIST_VIT, augment=TrainAugment(hflip=True, random_resized_crop=True,
-                                                             scale=(0.35, 1.0)), out="runs/fmnist-vit-rrc"),
+        dataclasses.replace(FMNIST_VIT, augment=dataclasses.replace(FMNIST_VIT.augment, random_resized_crop=True,
+                                                                    scale=(0.35, 1.0)), out="runs/fmnist-vit-rrc"),
         command="vitlab train --recipe fmnist-vit-rrc --out runs/fmnist-vit-rrc",
         expected="≈ 89.3% Fashion-MNIST top-1 at 21 px, ≈ 90.2% after fmnist-finetune at 28 px",
         description="the demo's pre-training: fmnist-vit on random-resized crops (area 0.35-1, FixRes), which show "
